@@ -1,0 +1,722 @@
+"""JobCluster: the client. A thin asyncio shell around the scheduling core.
+
+::
+
+    user thread                     cluster loop thread (asyncio)
+    -----------                     -----------------------------------------------
+    submit(*args) --pickle args-->  _Runtime.submit -> SchedulerCore.handle(JobSubmitted)
+                                        actions -> DispatchJobs -> batched SubmitJobs per node
+    job() <-- concurrent Future --  _NodeLink (one authenticated Connection per node)
+                                        JobDone -> SchedulerCore.handle(JobReported)
+                                        DeliverResult -> unpickle, resolve the job's future
+                                        callback(job) on the callback thread
+
+The event loop runs in a background thread so that plain scripts work; asyncio programs use
+the same object with ``await job`` and ``async with``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import signal
+import site
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any, Callable, Iterable
+
+import cloudpickle
+
+from . import deps as deps_mod
+from .core.scheduler import (
+    CancelOnNode,
+    CancelRequested,
+    DeliverResult,
+    DispatchJobs,
+    JobReported,
+    JobsStarted,
+    JobState,
+    JobSubmitted,
+    NodeJoined,
+    NodeLost,
+    ResolveJob,
+    SchedulerCore,
+)
+from .errors import (
+    AuthenticationError,
+    ClusterClosedError,
+    ClusterError,
+    ConfigurationError,
+    ConnectionClosedError,
+    JobCancelledError,
+    JobError,
+    JobTerminatedError,
+    NodeLostError,
+    ProtocolError,
+    RemoteTraceback,
+    VersionMismatchError,
+    WorkerDiedError,
+)
+from .identity import DEFAULT_NODE_PORT, local_info
+from .job import ClusterJob, JobStatus
+from .protocol import codec
+from .protocol import messages as m
+from .secret import load_secret
+from .transport.stream import Connection, connect
+
+__all__ = ["JobCluster"]
+
+log = logging.getLogger("clusterpy.client")
+
+_PERMANENT = (AuthenticationError, VersionMismatchError)
+
+
+def _parse_node(spec: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    if sep and port.isdigit() and host and not host.endswith(":"):
+        return host.strip("[]"), int(port)
+    return spec, default_port
+
+
+def _pickle_by_value_if_local(obj: Any) -> None:
+    """Ship functions from the user's own modules by value, as cloudpickle does for __main__.
+
+    A module that is not installed (not under the standard library or site-packages) exists
+    only on the client, so the nodes could not import it to find the function by reference.
+    """
+    name = getattr(obj, "__module__", None)
+    module = sys.modules.get(name) if name else None
+    path = getattr(module, "__file__", None)
+    if module is None or not path or name == "__main__":
+        return
+    path = os.path.realpath(path)
+    installed = {os.path.realpath(p) for p in (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+                                               sysconfig.get_paths()["platlib"], *site.getsitepackages())}
+    if any(path.startswith(prefix + os.sep) for prefix in installed) or name.split(".")[0] == "clusterpy":
+        return
+    cloudpickle.register_pickle_by_value(module)
+
+
+class _NodeLink:
+    """The connection to one node: handshake, deployment of the computation, then messages."""
+
+    def __init__(self, runtime: "_Runtime", host: str, port: int) -> None:
+        self.runtime = runtime
+        self.host = host
+        self.port = port
+        self.conn: Connection | None = None
+        self.node_id: str | None = None
+        self.hostname = host
+        self.ip_addr = host
+        self.cpus = 0
+        self.joined = False
+        self.jobs_done = 0
+        self.cpu_time = 0.0
+        self.pending_submit: list[m.JobRequest] = []
+        self.error: BaseException | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def run(self) -> None:
+        rt = self.runtime
+        delay = 0.2
+        while not rt.closing:
+            try:
+                self.conn = await connect(
+                    self.host, self.port, secret=rt.secret, role="client", info=local_info(),
+                    expected_peer_roles=frozenset({"node"}), handshake_timeout=rt.connect_timeout,
+                )
+            except _PERMANENT as exc:
+                self.error = exc
+                log.error("node %s refused us and will not be retried: %s", self.name, exc)
+                rt.link_failed(self, exc)
+                return
+            except (ClusterError, OSError, asyncio.TimeoutError) as exc:
+                self.error = exc
+                log.debug("node %s not reachable yet: %s", self.name, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            break
+        if rt.closing or self.conn is None:
+            return
+        conn = self.conn
+        self.node_id = conn.peer_info.get("node_id", self.name)
+        self.hostname = conn.peer_info.get("hostname", self.host)
+        peer = conn.peername
+        self.ip_addr = peer[0] if peer else self.host
+        self.cpus = max(1, int(conn.peer_info.get("cpus", "1")))
+        reason = "connection closed"
+        try:
+            await self._deploy(conn)
+            self.joined = True
+            rt.node_joined(self)
+            while True:
+                rt.on_message(self, codec.decode(await conn.recv()))
+        except ConnectionClosedError:
+            reason = "connection closed by the node"
+        except (ProtocolError, OSError) as exc:
+            reason = str(exc) or type(exc).__name__
+        except ClusterError as exc:  # deployment refused
+            reason = str(exc)
+            self.error = exc
+            log.error("node %s: %s", self.name, exc)
+        finally:
+            await conn.aclose()
+            rt.link_lost(self, reason)
+
+    async def _deploy(self, conn: Connection) -> None:
+        rt = self.runtime
+        conn.send(codec.encode(rt.deploy_message))
+        await conn.drain()
+        needed = codec.decode(await conn.recv())
+        if isinstance(needed, m.ComputationFailed):
+            raise ClusterError(f"node {self.name} refused the computation: {needed.reason}")
+        if not isinstance(needed, m.FilesNeeded):
+            raise ProtocolError(f"expected FilesNeeded, got {type(needed).__name__}")
+        by_hash = {f.sha256: f for f in rt.dependencies.files}
+        for sha in needed.sha256s:
+            entry = by_hash.get(sha)
+            if entry is None:
+                raise ProtocolError(f"node asked for a file we did not offer ({sha[:12]})")
+            for chunk in deps_mod.iter_chunks(entry, rt.chunk_size):
+                conn.send(codec.encode(m.FileChunk(rt.comp_id, sha, chunk, False)))
+                await conn.drain()
+            conn.send(codec.encode(m.FileChunk(rt.comp_id, sha, b"", True)))
+            await conn.drain()
+        reply = codec.decode(await conn.recv())
+        if isinstance(reply, m.ComputationFailed):
+            raise ClusterError(f"node {self.name} refused the computation: {reply.reason}")
+        if not isinstance(reply, m.ComputationReady):
+            raise ProtocolError(f"expected ComputationReady, got {type(reply).__name__}")
+
+    def flush(self) -> None:
+        if self.pending_submit and self.conn is not None and not self.conn.closed:
+            self.conn.send(codec.encode(m.SubmitJobs(self.runtime.comp_id, tuple(self.pending_submit))))
+        self.pending_submit.clear()
+
+    def send(self, message: object) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.send(codec.encode(message))
+
+
+class _Runtime:
+    """Everything that lives in the cluster's event loop."""
+
+    def __init__(self, cluster: "JobCluster") -> None:
+        self.cluster = cluster
+        self.secret = cluster._secret
+        self.connect_timeout = cluster.connect_timeout
+        self.chunk_size = 1 << 20
+        self.comp_id = cluster._comp_id
+        self.deploy_message = cluster._deploy_message
+        self.dependencies = cluster._dependencies
+        self.core = SchedulerCore(prefetch=cluster.prefetch, reentrant=cluster.reentrant,
+                                  allowed_failures=cluster.allowed_failures)
+        self.jobs: dict[str, tuple[ClusterJob, bytes, float | None]] = {}
+        self.links: list[_NodeLink] = []
+        self.by_node: dict[str, _NodeLink] = {}
+        self.closing = False
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._flush_scheduled = False
+        self._dirty: set[_NodeLink] = set()
+        self.local_node: Any = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def start(self, addresses: list[tuple[str, int]], local: bool) -> None:
+        if local:
+            from .node import NodeServer  # the embedded node; workers are real processes
+
+            dest = tempfile.mkdtemp(prefix="clusterpy-local-")
+            self.local_node = NodeServer(secret=self.secret, host="127.0.0.1", port=0,
+                                         cpus=self.cluster.local_cpus, dest_path=dest)
+            self.local_node._own_dest = dest
+            await self.local_node.start()
+            addresses = [*addresses, ("127.0.0.1", self.local_node.port)]
+        for host, port in addresses:
+            self.add_link(host, port)
+
+    def add_link(self, host: str, port: int) -> _NodeLink:
+        link = _NodeLink(self, host, port)
+        self.links.append(link)
+        self.spawn(link.run())
+        return link
+
+    # ---------------------------------------------------------------- core plumbing
+
+    def execute(self, actions: list[Any]) -> None:
+        for action in actions:
+            if isinstance(action, DispatchJobs):
+                link = self.by_node[action.node_id]
+                for job_id, attempt in action.jobs:
+                    _job, args, timeout = self.jobs[job_id]
+                    link.pending_submit.append(m.JobRequest(job_id, attempt, args, timeout))
+                self._dirty.add(link)
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._flush)
+            elif isinstance(action, ResolveJob):
+                job = self.jobs[action.job_id][0]
+                if action.state is JobState.CANCELLED:
+                    self.finish(job, JobStatus.Cancelled, exc=JobCancelledError(f"job {job.id!r} was cancelled"))
+                else:
+                    self.finish(job, JobStatus.Abandoned, exc=NodeLostError(f"job {job.id!r} abandoned: {action.reason}"))
+            elif isinstance(action, CancelOnNode):
+                link = self.by_node.get(action.node_id)
+                if link is not None:
+                    link.flush()
+                    link.send(m.CancelJob(self.comp_id, action.job_id, action.attempt))
+            elif isinstance(action, DeliverResult):
+                pass  # handled by the caller, which holds the report
+            else:  # pragma: no cover - a new action type must be handled here
+                raise TypeError(action)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        for link in self._dirty:
+            link.flush()
+        self._dirty.clear()
+
+    def submit(self, job: ClusterJob, args: bytes, timeout: float | None, node: str | None) -> None:
+        self.jobs[job._key] = (job, args, timeout)
+        self.idle.clear()
+        node_id = None if node is None else (self._find_node(node) or node)
+        self.execute(self.core.handle(JobSubmitted(job._key, node_id=node_id)))
+
+    def _find_node(self, node: str) -> str | None:
+        for link in self.links:
+            if link.joined and node in (link.node_id, link.host, link.ip_addr, link.hostname, link.name):
+                return link.node_id
+        return None
+
+    def cancel(self, job: ClusterJob) -> None:
+        if job._key in self.jobs:
+            self.execute(self.core.handle(CancelRequested(job._key)))
+
+    def node_joined(self, link: _NodeLink) -> None:
+        assert link.node_id is not None
+        if link.node_id in self.by_node:
+            log.warning("node %s is already in the cluster (same node id); ignoring the second link", link.name)
+            return
+        self.by_node[link.node_id] = link
+        log.info("node %s (%s, %d CPUs) joined", link.name, link.hostname, link.cpus)
+        self.execute(self.core.handle(NodeJoined(link.node_id, link.cpus)))
+
+    def link_lost(self, link: _NodeLink, reason: str) -> None:
+        if link.node_id is not None and self.by_node.get(link.node_id) is link:
+            del self.by_node[link.node_id]
+            if not self.closing:
+                log.warning("node %s lost: %s", link.name, reason)
+            self.execute(self.core.handle(NodeLost(link.node_id, reason)))
+        self._check_all_failed()
+
+    def link_failed(self, link: _NodeLink, exc: BaseException) -> None:
+        self._check_all_failed()
+
+    def _check_all_failed(self) -> None:
+        """If every node refused us for good, waiting jobs would wait forever: fail them."""
+        if self.closing or self.by_node or not self.links:
+            return
+        if all(isinstance(link.error, _PERMANENT) for link in self.links):
+            errors = "; ".join(f"{link.name}: {link.error}" for link in self.links)
+            for key in list(self.jobs):
+                job = self.jobs[key][0]
+                self.core.handle(CancelRequested(key))
+                self.finish(job, JobStatus.Abandoned, exc=ConfigurationError(f"no usable node ({errors})"))
+
+    # ---------------------------------------------------------------- node messages
+
+    def on_message(self, link: _NodeLink, msg: object) -> None:
+        assert link.node_id is not None
+        if isinstance(msg, m.JobDone):
+            self._on_done(link, msg)
+        elif isinstance(msg, m.JobsStarted):
+            self.core.handle(JobsStarted(link.node_id, tuple((s.job_id, s.attempt) for s in msg.jobs)))
+            for s in msg.jobs:
+                entry = self.jobs.get(s.job_id)
+                if entry is not None and entry[0].status is JobStatus.Created:
+                    entry[0].status = JobStatus.Running
+                    entry[0].start_time = s.start_time
+                    entry[0].ip_addr = link.ip_addr
+        elif isinstance(msg, m.Ping):
+            link.send(m.Pong(msg.sent))
+        elif isinstance(msg, m.Pong):
+            pass
+        else:
+            raise ProtocolError(f"unexpected message from a node: {type(msg).__name__}")
+
+    def _on_done(self, link: _NodeLink, msg: m.JobDone) -> None:
+        assert link.node_id is not None
+        actions = self.core.handle(JobReported(link.node_id, msg.job_id, msg.attempt))
+        if not actions or not isinstance(actions[0], DeliverResult):
+            log.debug("discarded a late report of job %s attempt %d from %s", msg.job_id, msg.attempt, link.name)
+            self.execute(actions)
+            return
+        job = self.jobs[msg.job_id][0]
+        link.jobs_done += 1
+        link.cpu_time += msg.cpu_time
+        job.ip_addr, job.node_id, job.hostname = link.ip_addr, link.node_id, link.hostname
+        job.start_time, job.end_time, job.cpu_time = msg.start_time, msg.end_time, msg.cpu_time
+        job.stdout = msg.stdout.decode("utf-8", "replace")
+        job.stderr = msg.stderr.decode("utf-8", "replace")
+        job.exit_code = msg.exit_code
+        where = f"on node {link.name}"
+        if msg.status == "finished":
+            try:
+                result = cloudpickle.loads(msg.result) if msg.result is not None else None
+            except Exception as exc:
+                self.finish(job, JobStatus.Terminated, exc=JobError(
+                    f"job {job.id!r} finished {where} but its result cannot be unpickled here: {exc!r}"))
+            else:
+                self.finish(job, JobStatus.Finished, result=result)
+        elif msg.status == "exception" or msg.status == "setup_failed":
+            exc = None
+            if msg.exception is not None:
+                try:
+                    exc = cloudpickle.loads(msg.exception)
+                except Exception:
+                    exc = None
+            if not isinstance(exc, BaseException):
+                prefix = "setup failed: " if msg.status == "setup_failed" else ""
+                exc = JobError(f"{prefix}{msg.exc_type}: {msg.exc_message}")
+            exc.__cause__ = RemoteTraceback(f'\n"""\nTraceback {where}:\n{msg.traceback or ""}"""')
+            self.finish(job, JobStatus.Terminated, exc=exc)
+        elif msg.status == "died":
+            code = msg.exit_code
+            how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 and -code in signal.Signals._value2member_map_ else f"exit code {code}"
+            self.finish(job, JobStatus.Terminated, exc=WorkerDiedError(
+                f"the worker process running job {job.id!r} {where} died ({how}); the node replaced it", code))
+        elif msg.status == "terminated":
+            self.finish(job, JobStatus.Terminated, exc=JobTerminatedError(
+                msg.exc_message or f"job {job.id!r} was terminated {where}"))
+        elif msg.status == "cancelled":
+            self.finish(job, JobStatus.Cancelled, exc=JobCancelledError(f"job {job.id!r} was cancelled"))
+        else:
+            self.finish(job, JobStatus.Terminated, exc=JobError(f"job {job.id!r} ended {where} with unknown status {msg.status!r}"))
+        self.execute(actions[1:])
+
+    def finish(self, job: ClusterJob, status: JobStatus, *, result: Any = None, exc: BaseException | None = None) -> None:
+        self.jobs.pop(job._key, None)
+        job.status = status
+        if job.end_time is None:
+            job.end_time = time.time()
+        job.result, job.exception = result, exc
+        if not job._future.done():
+            if exc is None:
+                job._future.set_result(result)
+            else:
+                job._future.set_exception(exc)
+        self.cluster._job_done(job)
+        if not self.jobs:
+            self.idle.set()
+
+    # ---------------------------------------------------------------- shutdown
+
+    async def aclose(self, terminate: bool) -> None:
+        if terminate:
+            for key in list(self.jobs):
+                self.cancel(self.jobs[key][0])
+        await self.idle.wait() if not terminate else await asyncio.wait_for(self.idle.wait(), 10)
+        self.closing = True
+        for link in self.links:
+            if link.conn is not None and not link.conn.closed:
+                link.flush()
+                link.send(m.CloseComputation(self.comp_id))
+                try:
+                    await link.conn.drain()
+                except (ClusterError, OSError):
+                    pass
+                await link.conn.aclose()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.local_node is not None:
+            await self.local_node.aclose()
+            import shutil
+
+            shutil.rmtree(self.local_node._own_dest, ignore_errors=True)
+
+
+class JobCluster:
+    """Run ``computation`` (a function or a program's path) on the cluster's nodes.
+
+    Args:
+        computation: a Python callable (shipped with cloudpickle) or the path of a program
+            (run with each job's arguments; its exit code is the job's result).
+        nodes: node addresses: ``"host"`` or ``"host:port"``. Default: none, then an embedded
+            local node is started (``local=True``).
+        depends: files, directories, modules, packages, functions and classes the computation
+            needs on the nodes.
+        setup: run once in every worker before its first job (``setup(*setup_args)``); globals it
+            sets are visible to the computation. ``cleanup`` runs when the cluster closes.
+        callback: ``callback(job)`` is called (in a separate thread) as each job ends.
+        secret: the cluster secret (else ``secret_file``, ``CLUSTERPY_SECRET``,
+            ``CLUSTERPY_SECRET_FILE``, or the per-user secret file).
+        local: start a private node on 127.0.0.1 with ``local_cpus`` (default all) CPUs.
+        reentrant: resubmit the jobs of a lost node elsewhere (they must be idempotent).
+        timeout: default per-job time limit in seconds (``submit(..., timeout=)`` overrides).
+        prefetch: jobs sent ahead per CPU to hide the network round trip.
+
+    Raises:
+        ConfigurationError: bad arguments, or no secret could be found.
+        DependencyError: a dependency cannot be shipped.
+    """
+
+    def __init__(
+        self,
+        computation: Callable[..., Any] | str | os.PathLike[str],
+        nodes: Iterable[str] | None = None,
+        depends: Iterable[Any] = (),
+        *,
+        setup: Callable[..., Any] | None = None,
+        setup_args: tuple[Any, ...] = (),
+        cleanup: Callable[[], Any] | None = None,
+        callback: Callable[[ClusterJob], Any] | None = None,
+        secret: str | bytes | None = None,
+        secret_file: str | os.PathLike[str] | None = None,
+        local: bool | None = None,
+        local_cpus: int | None = None,
+        port: int = DEFAULT_NODE_PORT,
+        reentrant: bool = False,
+        allowed_failures: int = 3,
+        timeout: float | None = None,
+        prefetch: int = 1,
+        keep_files: bool = False,
+        connect_timeout: float = 10.0,
+        loglevel: int | str | None = None,
+    ) -> None:
+        if loglevel is not None:
+            logging.getLogger("clusterpy").setLevel(loglevel)
+        self._secret = load_secret(secret, secret_file=secret_file)
+        node_list = [nodes] if isinstance(nodes, str) else list(nodes or [])
+        if local is None:
+            local = not node_list
+        self.addresses = [_parse_node(n, port) for n in node_list]
+        self.callback = callback
+        self.reentrant = reentrant
+        self.allowed_failures = allowed_failures
+        self.default_timeout = timeout
+        self.prefetch = prefetch
+        self.connect_timeout = connect_timeout
+        self.local_cpus = local_cpus
+        self._comp_id = f"c{uuid.uuid4().hex}"
+        self._closed = False
+        self._jobs_submitted = 0
+        self._jobs_lock = threading.Lock()
+        self._callbacks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clusterpy-callback") if callback else None
+        self._dependencies, self._deploy_message = self._package(computation, depends, setup, setup_args, cleanup, keep_files)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="clusterpy-loop", daemon=True)
+        self._thread.start()
+        self._rt: _Runtime = self._call(self._make_runtime)
+        try:
+            self._await(self._rt.start(self.addresses, local))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    # ---------------------------------------------------------------- packaging
+
+    def _package(self, computation: Any, depends: Iterable[Any], setup: Any, setup_args: tuple[Any, ...],
+                 cleanup: Any, keep_files: bool) -> tuple[deps_mod.Dependencies, m.DeployComputation]:
+        depends = list(depends)
+        if callable(computation):
+            # Modules in depends travel as files: the computation directory is on the worker's sys.path.
+            found = deps_mod.collect(depends)
+            for fn in (computation, setup, cleanup, *found.objects):
+                _pickle_by_value_if_local(fn)
+            bundle = cloudpickle.dumps({
+                "compute": computation, "setup": setup, "cleanup": cleanup,
+                "depends": list(found.objects), "setup_args": tuple(setup_args),
+            })
+            self.computation_name = getattr(computation, "__name__", repr(computation))
+            deploy = m.DeployComputation(self._comp_id, "function", self._metas(found), bundle, None, keep_files)
+        elif isinstance(computation, (str, os.PathLike)):
+            path = os.fspath(computation)
+            if not os.path.isfile(path):
+                raise ConfigurationError(f"program {path!r} does not exist or is not a file")
+            found = deps_mod.collect(depends, program=path)
+            self.computation_name = os.path.basename(path)
+            deploy = m.DeployComputation(self._comp_id, "program", self._metas(found), None,
+                                         (os.path.basename(path),), keep_files)
+        else:
+            raise ConfigurationError(f"computation must be a callable or a program's path, not {type(computation).__name__}")
+        return found, deploy
+
+    @staticmethod
+    def _metas(found: deps_mod.Dependencies) -> tuple[m.FileMeta, ...]:
+        return tuple(m.FileMeta(f.name, f.sha256, f.size, f.mode) for f in found.files)
+
+    # ---------------------------------------------------------------- loop thread
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def _make_runtime(self) -> _Runtime:
+        return _Runtime(self)
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the loop thread and return its result."""
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(run)
+        return fut.result()
+
+    def _await(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _stop_loop(self) -> None:
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    # ---------------------------------------------------------------- public API
+
+    def submit(self, *args: Any, **kwargs: Any) -> ClusterJob:
+        """Submit one job with these arguments; returns at once with the job.
+
+        ``timeout=`` here is not passed to the computation: use :meth:`submit_job` to give
+        per-job options. Raises ClusterClosedError after :meth:`close`.
+        """
+        return self.submit_job(args, kwargs)
+
+    def submit_node(self, node: str, *args: Any, **kwargs: Any) -> ClusterJob:
+        """Submit a job to run on one node (address, host name or node id); abandoned if that node is unknown or lost."""
+        return self.submit_job(args, kwargs, node=node)
+
+    def submit_job(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
+                   timeout: float | None = None, node: str | None = None, job_id: Any = None) -> ClusterJob:
+        """Submit a job with explicit options: ``timeout`` (seconds), ``node``, ``job_id``."""
+        if self._closed:
+            raise ClusterClosedError("this cluster is closed; create a new JobCluster to submit jobs")
+        kwargs = kwargs or {}
+        job = ClusterJob(self, args, kwargs, time.time())
+        if job_id is not None:
+            job.id = job_id
+        try:
+            blob = cloudpickle.dumps((args, kwargs), protocol=5)
+        except Exception as exc:
+            raise ClusterError(f"the arguments of job {job.id!r} cannot be pickled: {exc!r}") from exc
+        limit = timeout if timeout is not None else self.default_timeout
+        with self._jobs_lock:
+            self._jobs_submitted += 1
+        self._loop.call_soon_threadsafe(self._rt.submit, job, blob, limit, node)
+        return job
+
+    async def submit_async(self, *args: Any, **kwargs: Any) -> ClusterJob:
+        """asyncio flavour of :meth:`submit` (submission never blocks)."""
+        return self.submit(*args, **kwargs)
+
+    def cancel(self, job: ClusterJob) -> bool:
+        """Cancel a job: dropped if queued, terminated on its node if running. False if it had ended."""
+        if job.done():
+            return False
+        self._loop.call_soon_threadsafe(self._rt.cancel, job)
+        return True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job has ended; False on timeout."""
+        try:
+            self._await(self._rt.idle.wait(), timeout)
+        except concurrent.futures.TimeoutError:
+            return False
+        return True
+
+    def _job_done(self, job: ClusterJob) -> None:
+        if self._callbacks is not None and self.callback is not None:
+            self._callbacks.submit(self._safe_callback, job)
+
+    def _safe_callback(self, job: ClusterJob) -> None:
+        try:
+            assert self.callback is not None
+            self.callback(job)
+        except Exception:
+            log.exception("callback for job %r raised", job.id)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The nodes in the cluster now, with their statistics."""
+        return self._call(lambda: [
+            {"name": link.name, "ip_addr": link.ip_addr, "hostname": link.hostname, "node_id": link.node_id,
+             "cpus": link.cpus, "jobs_done": link.jobs_done, "cpu_time": link.cpu_time,
+             "busy": self._rt.core.inflight(link.node_id) if link.node_id in self._rt.by_node else 0,
+             "connected": link.node_id in self._rt.by_node}
+            for link in self._rt.links if link.joined
+        ])
+
+    def stats(self) -> dict[str, Any]:
+        nodes = self.nodes()
+        return {
+            "computation": self.computation_name,
+            "jobs_submitted": self._jobs_submitted,
+            "jobs_done": sum(n["jobs_done"] for n in nodes),
+            "cpu_time": sum(n["cpu_time"] for n in nodes),
+            "nodes": nodes,
+        }
+
+    def print_status(self) -> None:
+        """Print, per node, its CPUs, jobs done and CPU time (as dispy's print_status)."""
+        s = self.stats()
+        rows = [(n["hostname"], n["name"], n["cpus"], n["jobs_done"], n["cpu_time"]) for n in s["nodes"]]
+        print(f"\n{'Node':<28} {'Address':<22} {'CPUs':>4} {'Jobs':>7} {'CPU sec':>9} {'Sec/Job':>8}")
+        print("-" * 83)
+        for host, addr, cpus, done, cpu in rows:
+            per = cpu / done if done else 0.0
+            print(f"{host[:28]:<28} {addr[:22]:<22} {cpus:>4} {done:>7} {cpu:>9.3f} {per:>8.3f}")
+        print("-" * 83)
+        print(f"Total: {s['jobs_done']} of {s['jobs_submitted']} jobs done, {s['cpu_time']:.3f} CPU seconds\n")
+
+    def close(self, timeout: float | None = None, terminate: bool = False) -> None:
+        """Wait for the submitted jobs (or cancel them, with ``terminate``), then release the
+        nodes: their workers run ``cleanup`` and the computation's files are removed."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._await(self._rt.aclose(terminate), timeout)
+        finally:
+            self._stop_loop()
+            if self._callbacks is not None:
+                self._callbacks.shutdown(wait=True)
+
+    def __enter__(self) -> "JobCluster":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.close(terminate=exc_type is not None)
+
+    async def __aenter__(self) -> "JobCluster":
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        await asyncio.to_thread(self.close, None, exc_type is not None)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and getattr(self, "_loop", None) is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            except RuntimeError:
+                pass

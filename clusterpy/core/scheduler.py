@@ -1,0 +1,403 @@
+"""The scheduling core: which job runs where, as a pure state machine.
+
+Events (past-tense facts) go in through :meth:`SchedulerCore.handle`; a list of actions
+(commands) comes out for a shell to execute. The core never touches sockets, clocks or
+threads, so the client (:mod:`clusterpy.client`) and tests drive the very same object.
+
+Job lifecycle inside the core (a job's public status is derived from it by the shell)::
+
+    QUEUED --dispatch--> SENT --started--> RUNNING --done--> DONE
+       ^                   |                  |
+       +---- node lost, reentrant (attempt+1) +
+    QUEUED/SENT/RUNNING --node lost, not reentrant--> ABANDONED
+    QUEUED --cancel--> CANCELLED;  SENT/RUNNING --cancel--> (CancelOnNode, then DONE when reported)
+
+Placement: every ready node keeps up to ``cpus + prefetch`` jobs in flight, so a node's CPUs
+never wait for a network round trip; free slots are handed out round-robin over the nodes
+that have them, which is O(1) per decision whatever the number of nodes or queued jobs.
+Each dispatch carries an attempt number; a report for an attempt that is no longer current
+(a node that came back after its jobs were moved) is discarded, so each job is resolved once.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+__all__ = [
+    "JobState",
+    "NodeJoined",
+    "NodeLost",
+    "JobSubmitted",
+    "JobsStarted",
+    "JobReported",
+    "CancelRequested",
+    "DispatchJobs",
+    "CancelOnNode",
+    "DeliverResult",
+    "ResolveJob",
+    "SchedulerCore",
+    "Event",
+    "Action",
+]
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    SENT = "sent"
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    ABANDONED = "abandoned"
+
+
+_TERMINAL = frozenset({JobState.DONE, JobState.CANCELLED, JobState.ABANDONED})
+
+# Declared lifecycle; _move() refuses anything else and leaves the job unchanged.
+_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.SENT, JobState.CANCELLED, JobState.ABANDONED}),
+    JobState.SENT: frozenset({JobState.RUNNING, JobState.DONE, JobState.QUEUED, JobState.ABANDONED, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset({JobState.DONE, JobState.QUEUED, JobState.ABANDONED, JobState.CANCELLED}),
+    JobState.DONE: frozenset(),
+    JobState.CANCELLED: frozenset(),
+    JobState.ABANDONED: frozenset(),
+}
+
+
+# ---------------------------------------------------------------- events (facts)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeJoined:
+    """A node is connected and its computation is deployed: it can take jobs."""
+
+    node_id: str
+    cpus: int
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLost:
+    node_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobSubmitted:
+    job_id: str
+    node_id: str | None = None  # pin to this node (submit_node)
+    reentrant: bool | None = None  # None: the core's default
+
+
+@dataclass(frozen=True, slots=True)
+class JobsStarted:
+    node_id: str
+    jobs: tuple[tuple[str, int], ...]  # (job_id, attempt)
+
+
+@dataclass(frozen=True, slots=True)
+class JobReported:
+    """A node reported the end of one attempt of a job (result, exception, or worker death)."""
+
+    node_id: str
+    job_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequested:
+    job_id: str
+
+
+Event = NodeJoined | NodeLost | JobSubmitted | JobsStarted | JobReported | CancelRequested
+
+
+# ---------------------------------------------------------------- actions (commands)
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchJobs:
+    node_id: str
+    jobs: tuple[tuple[str, int], ...]  # (job_id, attempt)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelOnNode:
+    node_id: str
+    job_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverResult:
+    """The report for the current attempt: hand its outcome to the caller."""
+
+    job_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveJob:
+    """The job ended without a report of its own: ``state`` is CANCELLED or ABANDONED."""
+
+    job_id: str
+    state: JobState
+    reason: str
+
+
+Action = DispatchJobs | CancelOnNode | DeliverResult | ResolveJob
+
+
+# ---------------------------------------------------------------- state
+
+
+@dataclass(slots=True)
+class _Job:
+    job_id: str
+    pinned: str | None
+    reentrant: bool
+    state: JobState = JobState.QUEUED
+    node_id: str | None = None
+    attempt: int = 0
+    failures: int = 0  # nodes lost / workers killed while running this job
+    cancel_requested: bool = False
+
+
+@dataclass(slots=True)
+class _Node:
+    node_id: str
+    cpus: int
+    limit: int
+    inflight: dict[str, None] = field(default_factory=dict)  # ordered set: dispatch order
+    pinned_queue: deque[str] = field(default_factory=deque)
+    jobs_done: int = 0
+
+
+class SchedulerCore:
+    """Decides placement of jobs on nodes.
+
+    Args:
+        prefetch: jobs sent ahead per CPU beyond the CPU count (hides the round trip).
+        reentrant: default for jobs on a lost node: resubmit (True) or abandon (False).
+        allowed_failures: a job whose attempts were lost this many times is abandoned
+            instead of being resubmitted again (a poison job must not kill every node).
+    """
+
+    def __init__(self, *, prefetch: int = 1, reentrant: bool = False, allowed_failures: int = 3) -> None:
+        self.prefetch = prefetch
+        self.reentrant = reentrant
+        self.allowed_failures = allowed_failures
+        self._jobs: dict[str, _Job] = {}
+        self._nodes: dict[str, _Node] = {}
+        self._queue: deque[str] = deque()  # jobs any node may run, FIFO
+        self._free: deque[str] = deque()  # nodes with a free slot, round-robin
+        self._in_free: set[str] = set()
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(self._nodes)
+
+    def state_of(self, job_id: str) -> JobState:
+        return self._jobs[job_id].state
+
+    def node_of(self, job_id: str) -> str | None:
+        return self._jobs[job_id].node_id
+
+    def pending(self) -> int:
+        """Jobs not yet in a terminal state."""
+        return len(self._jobs)
+
+    def queued(self) -> int:
+        return len(self._queue) + sum(len(n.pinned_queue) for n in self._nodes.values())
+
+    def inflight(self, node_id: str) -> int:
+        return len(self._nodes[node_id].inflight)
+
+    # ------------------------------------------------------------ events
+
+    def handle(self, event: Event) -> list[Action]:
+        """Apply one event and return the actions it calls for."""
+        if isinstance(event, JobSubmitted):
+            return self._on_submitted(event)
+        if isinstance(event, JobReported):
+            return self._on_reported(event)
+        if isinstance(event, JobsStarted):
+            return self._on_started(event)
+        if isinstance(event, NodeJoined):
+            return self._on_node_joined(event)
+        if isinstance(event, NodeLost):
+            return self._on_node_lost(event)
+        if isinstance(event, CancelRequested):
+            return self._on_cancel(event)
+        raise TypeError(f"not a scheduler event: {event!r}")
+
+    def _on_submitted(self, ev: JobSubmitted) -> list[Action]:
+        if ev.job_id in self._jobs:
+            raise ValueError(f"job {ev.job_id!r} was already submitted")
+        reentrant = self.reentrant if ev.reentrant is None else ev.reentrant
+        job = _Job(ev.job_id, ev.node_id, reentrant)
+        if ev.node_id is not None:
+            node = self._nodes.get(ev.node_id)
+            if node is None:
+                self._jobs[ev.job_id] = job
+                self._finish(job, JobState.ABANDONED)
+                return [ResolveJob(ev.job_id, JobState.ABANDONED, f"node {ev.node_id} is not in the cluster")]
+            self._jobs[ev.job_id] = job
+            node.pinned_queue.append(ev.job_id)
+            return self._fill(node)
+        self._jobs[ev.job_id] = job
+        self._queue.append(ev.job_id)
+        if not self._free:
+            return []
+        node_id = self._free.popleft()
+        self._in_free.discard(node_id)
+        return self._fill(self._nodes[node_id])
+
+    def _on_started(self, ev: JobsStarted) -> list[Action]:
+        for job_id, attempt in ev.jobs:
+            job = self._jobs.get(job_id)
+            if job is not None and job.attempt == attempt and job.node_id == ev.node_id and job.state is JobState.SENT:
+                self._move(job, JobState.RUNNING)
+        return []
+
+    def _on_reported(self, ev: JobReported) -> list[Action]:
+        job = self._jobs.get(ev.job_id)
+        if job is None or job.attempt != ev.attempt or job.node_id != ev.node_id:
+            return []  # a late report of an attempt we already moved or resolved: discard
+        if job.state not in (JobState.SENT, JobState.RUNNING):
+            return []
+        node = self._nodes.get(ev.node_id)
+        self._finish(job, JobState.DONE)
+        actions: list[Action] = [DeliverResult(job.job_id, ev.attempt)]
+        if node is not None:
+            node.jobs_done += 1
+            actions.extend(self._fill(node))
+        return actions
+
+    def _on_node_joined(self, ev: NodeJoined) -> list[Action]:
+        if ev.node_id in self._nodes:
+            raise ValueError(f"node {ev.node_id!r} joined twice")
+        cpus = max(1, ev.cpus)
+        node = _Node(ev.node_id, cpus, cpus + max(0, self.prefetch) * cpus)
+        self._nodes[ev.node_id] = node
+        return self._fill(node)
+
+    def _on_node_lost(self, ev: NodeLost) -> list[Action]:
+        node = self._nodes.pop(ev.node_id, None)
+        if node is None:
+            return []
+        if ev.node_id in self._in_free:
+            self._in_free.discard(ev.node_id)
+            self._free.remove(ev.node_id)
+        actions: list[Action] = []
+        requeue: list[str] = []
+        for job_id in node.inflight:
+            job = self._jobs[job_id]
+            job.failures += 1
+            job.node_id = None
+            if job.cancel_requested:
+                self._finish(job, JobState.CANCELLED)
+                actions.append(ResolveJob(job_id, JobState.CANCELLED, "cancelled; its node was lost"))
+            elif job.reentrant and job.pinned is None and job.failures < self.allowed_failures:
+                self._move(job, JobState.QUEUED)
+                requeue.append(job_id)
+            else:
+                why = f"node {ev.node_id} was lost ({ev.reason})"
+                if job.reentrant and job.failures >= self.allowed_failures:
+                    why += f"; the job was lost with {job.failures} nodes, not resubmitting it again"
+                self._finish(job, JobState.ABANDONED)
+                actions.append(ResolveJob(job_id, JobState.ABANDONED, why))
+        for job_id in node.pinned_queue:
+            self._finish(self._jobs[job_id], JobState.ABANDONED)
+            actions.append(ResolveJob(job_id, JobState.ABANDONED, f"node {ev.node_id} it was submitted to was lost"))
+        node.inflight.clear()
+        self._queue.extendleft(reversed(requeue))  # they waited long enough: run them next, in order
+        # Moved jobs go to the nodes that have room.
+        while self._queue and self._free:
+            node_id = self._free.popleft()
+            self._in_free.discard(node_id)
+            actions.extend(self._fill(self._nodes[node_id]))
+        return actions
+
+    def _on_cancel(self, ev: CancelRequested) -> list[Action]:
+        job = self._jobs.get(ev.job_id)
+        if job is None or job.state in _TERMINAL:
+            return []
+        if job.state is JobState.QUEUED:
+            if job.pinned is not None and job.pinned in self._nodes:
+                self._nodes[job.pinned].pinned_queue.remove(job.job_id)
+            else:
+                self._queue.remove(job.job_id)
+            self._finish(job, JobState.CANCELLED)
+            return [ResolveJob(job.job_id, JobState.CANCELLED, "cancelled before it started")]
+        job.cancel_requested = True
+        assert job.node_id is not None
+        return [CancelOnNode(job.node_id, job.job_id, job.attempt)]
+
+    # ------------------------------------------------------------ helpers
+
+    def _move(self, job: _Job, state: JobState) -> None:
+        if state not in _TRANSITIONS[job.state]:
+            raise RuntimeError(f"job {job.job_id}: illegal transition {job.state.value} -> {state.value}")
+        job.state = state
+
+    def _finish(self, job: _Job, state: JobState) -> None:
+        self._move(job, state)
+        if job.node_id is not None and job.node_id in self._nodes:
+            self._nodes[job.node_id].inflight.pop(job.job_id, None)
+        del self._jobs[job.job_id]
+
+    def _fill(self, node: _Node) -> list[Action]:
+        """Send this node as many jobs as it has free slots for; remember it if room is left."""
+        batch: list[tuple[str, int]] = []
+        while len(node.inflight) < node.limit:
+            if node.pinned_queue:
+                job_id = node.pinned_queue.popleft()
+            elif self._queue:
+                job_id = self._queue.popleft()
+            else:
+                break
+            job = self._jobs[job_id]
+            job.attempt += 1
+            job.node_id = node.node_id
+            self._move(job, JobState.SENT)
+            node.inflight[job_id] = None
+            batch.append((job_id, job.attempt))
+        if len(node.inflight) < node.limit and node.node_id not in self._in_free:
+            self._free.append(node.node_id)
+            self._in_free.add(node.node_id)
+        elif len(node.inflight) >= node.limit and node.node_id in self._in_free:
+            self._in_free.discard(node.node_id)
+            self._free.remove(node.node_id)
+        return [DispatchJobs(node.node_id, tuple(batch))] if batch else []
+
+    # ------------------------------------------------------------ invariants
+
+    def validate(self) -> None:
+        """Check the core's invariants; tests call this after every step."""
+        seen: set[str] = set()
+        for node in self._nodes.values():
+            assert len(node.inflight) <= node.limit, node
+            for job_id in node.inflight:
+                job = self._jobs[job_id]
+                assert job.node_id == node.node_id and job.state in (JobState.SENT, JobState.RUNNING), job
+                assert job_id not in seen
+                seen.add(job_id)
+            for job_id in node.pinned_queue:
+                assert self._jobs[job_id].state is JobState.QUEUED
+        for job_id in self._queue:
+            assert self._jobs[job_id].state is JobState.QUEUED and job_id not in seen
+            seen.add(job_id)
+        for job in self._jobs.values():
+            if job.state is JobState.QUEUED and job.pinned is None:
+                assert job.job_id in seen, job
+            assert job.state not in _TERMINAL
+        assert set(self._free) == self._in_free and len(self._free) == len(self._in_free)
+        for node_id in self._free:
+            node = self._nodes[node_id]
+            assert len(node.inflight) < node.limit
+        if self._queue:
+            # Work is waiting only if no node has room for it.
+            assert not self._free, "jobs queued while a node has a free slot"

@@ -1,0 +1,104 @@
+"""The job a user holds: dispy's fields and statuses, with concurrent.futures and asyncio waits."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import itertools
+from typing import Any, Callable, Generator
+
+__all__ = ["JobStatus", "ClusterJob"]
+
+
+class JobStatus(enum.Enum):
+    """dispy's job statuses.
+
+    ``Terminated`` means the job ended with an exception (raised by the computation, its worker
+    died, or it ran past its timeout); ``Abandoned`` means its node was lost and it was not
+    resubmitted; ``Cancelled`` means the user cancelled it.
+    """
+
+    Created = "Created"
+    Running = "Running"
+    Finished = "Finished"
+    Terminated = "Terminated"
+    Cancelled = "Cancelled"
+    Abandoned = "Abandoned"
+
+    @property
+    def done(self) -> bool:
+        return self not in (JobStatus.Created, JobStatus.Running)
+
+
+_ids = itertools.count(1)
+
+
+class ClusterJob:
+    """One submitted job.
+
+    Calling the job (``job()``) waits for it and returns its result, or raises the remote
+    exception (with a :class:`~clusterpy.errors.RemoteTraceback` as ``__cause__``). ``await job``
+    does the same in asyncio code. For a program, the result is its exit code.
+
+    Fields (as in dispy): ``id`` (assignable), ``args``, ``kwargs``, ``status``, ``result``,
+    ``exception``, ``stdout``, ``stderr``, ``start_time``, ``end_time``, ``ip_addr``, plus
+    ``node_id``, ``hostname``, ``cpu_time``, ``exit_code``, ``submit_time``.
+    """
+
+    __slots__ = (
+        "id", "args", "kwargs", "status", "result", "exception", "stdout", "stderr",
+        "start_time", "end_time", "ip_addr", "node_id", "hostname", "cpu_time", "exit_code",
+        "submit_time", "_key", "_future", "_cluster", "__weakref__",
+    )
+
+    def __init__(self, cluster: Any, args: tuple[Any, ...], kwargs: dict[str, Any], submit_time: float) -> None:
+        self._key = str(next(_ids))
+        self.id: Any = int(self._key)
+        self.args = args
+        self.kwargs = kwargs
+        self.status = JobStatus.Created
+        self.result: Any = None
+        self.exception: BaseException | None = None
+        self.stdout = ""
+        self.stderr = ""
+        self.start_time: float | None = None
+        self.end_time: float | None = None
+        self.ip_addr: str | None = None
+        self.node_id: str | None = None
+        self.hostname: str | None = None
+        self.cpu_time = 0.0
+        self.exit_code: int | None = None
+        self.submit_time = submit_time
+        self._future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._cluster = cluster
+
+    def __call__(self, timeout: float | None = None) -> Any:
+        """Wait for the job and return its result, or raise its exception.
+
+        Raises:
+            TimeoutError: the job did not end within ``timeout`` seconds (it keeps running).
+        """
+        return self._future.result(timeout)
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return asyncio.wrap_future(self._future).__await__()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def cancel(self) -> bool:
+        """Cancel the job (terminating it if it runs); same as ``cluster.cancel(job)``."""
+        return bool(self._cluster.cancel(self))
+
+    def add_done_callback(self, fn: Callable[["ClusterJob"], object]) -> None:
+        self._future.add_done_callback(lambda _f: fn(self))
+
+    @property
+    def future(self) -> concurrent.futures.Future[Any]:
+        """A ``concurrent.futures.Future`` resolved with the job's result or exception."""
+        return self._future
+
+    def __repr__(self) -> str:
+        where = f" on {self.ip_addr}" if self.ip_addr else ""
+        return f"<ClusterJob id={self.id!r} {self.status.value}{where}>"

@@ -1,0 +1,661 @@
+"""The node's pool of persistent worker processes (the asyncio side).
+
+A :class:`WorkerPool` keeps ``cpus`` worker processes (:mod:`clusterpy.worker`) alive. A
+worker loads a computation (unpickling it and running its ``setup``) the first time it runs
+one of its jobs, and keeps it until :meth:`WorkerPool.remove_computation`. The pool never
+unpickles user data: bundles, arguments, results and exceptions stay opaque cloudpickle
+``bytes`` here, and the frames from a worker are read with an unpickler that refuses
+every class.
+
+Data flow::
+
+    run(job) ──▶ _acquire() ── idle worker (prefers one that has the computation loaded)
+                    │            or waits in FIFO order for the next released worker
+                    ▼
+                 _Worker.call(("load", ...))   only if not loaded yet
+                 _Worker.call(("run", ...))  ──▶ stdin pipe ──▶ worker process
+                    ▲                                              │
+    JobOutcome ◀────┴── future resolved by _WorkerProtocol ◀── stdout pipe (frames)
+
+    process exits ──▶ _WorkerProtocol.connection_lost ──▶ _Worker._finish():
+        the outstanding call fails with _WorkerGone → run() returns a "died" (or
+        "terminated") outcome with the exit code and the output collected so far, and
+        the pool starts a replacement worker.
+
+Every worker is started in a new session, so ``os.killpg(pid, SIGKILL)`` also kills the
+processes its jobs started; the group is killed again when the worker exits, so no
+orphans survive it. Background tasks (replacing workers, running cleanups) are tracked
+and cancelled by :meth:`WorkerPool.aclose`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import pickle
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ClusterClosedError, ClusterError, ConfigurationError
+from .worker import FrameDecoder, encode_frame, read_capped
+
+__all__ = ["ComputationSpec", "WorkerJob", "JobOutcome", "WorkerPool"]
+
+log = logging.getLogger("clusterpy.pool")
+
+#: Seconds a new worker may take to report ``ready``.
+START_TIMEOUT = 30.0
+#: Seconds aclose() gives idle workers to run their cleanups before killing them.
+CLOSE_GRACE = 2.0
+#: Seconds to wait, after a worker exited, for its pipes to close (a forked grandchild
+#: outside its process group could hold them open forever).
+EXIT_FLUSH_DELAY = 2.0
+#: Delays before each attempt to start a replacement worker; then the pool is broken.
+RESPAWN_DELAYS = (0.0, 0.2, 1.0)
+
+
+@dataclass(frozen=True)
+class ComputationSpec:
+    """A computation as the node hands it to the pool.
+
+    ``bundle`` (kind "function") is ``cloudpickle.dumps({"compute": fn, "setup": fn | None,
+    "cleanup": fn | None, "depends": [...], "setup_args": tuple})`` made in one call, so the
+    functions share their globals. ``program`` (kind "program") is the argv prefix; job
+    arguments are appended with ``str()``. ``workdir`` is an existing absolute directory:
+    the jobs' cwd, prepended to ``sys.path``. ``env`` is set in ``os.environ`` during setup,
+    jobs and cleanup (and so inherited by programs).
+    """
+
+    comp_id: str
+    kind: str
+    workdir: str
+    bundle: bytes | None = field(repr=False)
+    program: list[str] | None
+    env: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """One call of a computation: ``args`` is ``cloudpickle.dumps((args_tuple, kwargs_dict))``."""
+
+    job_id: str
+    comp_id: str
+    args: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a job ended. ``status`` is one of "finished", "exception", "died", "terminated",
+    "setup_failed". Blobs are cloudpickle bytes; ``exit_code`` is a program's exit code or
+    a dead worker's return code (negative: killed by that signal)."""
+
+    job_id: str
+    status: str
+    result: bytes | None = field(repr=False)
+    exception: bytes | None = field(repr=False)
+    exc_type: str | None
+    exc_message: str | None
+    traceback: str | None
+    stdout: bytes
+    stderr: bytes
+    start_time: float
+    end_time: float
+    cpu_time: float
+    exit_code: int | None
+
+
+class _WorkerGone(Exception):
+    """The worker process exited while a call to it was outstanding."""
+
+    def __init__(self, returncode: int | None) -> None:
+        super().__init__(returncode)
+        self.returncode = returncode
+
+
+class _BuiltinsOnly(pickle.Unpickler):
+    # Worker frames hold only tuples, dicts, str, bytes, numbers: refuse anything that
+    # would import and call code, so a job writing to the channel cannot reach the node.
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"worker frames may not contain {module}.{name}")
+
+
+def _loads(frame: bytes) -> tuple[Any, ...]:
+    message = _BuiltinsOnly(io.BytesIO(frame)).load()
+    if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
+        raise pickle.UnpicklingError(f"malformed worker message of type {type(message).__name__}")
+    return message
+
+
+def _describe_exit(returncode: int | None) -> str:
+    if returncode is None:
+        return "exited"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "signal"
+        return f"was killed by {name} ({-returncode})"
+    return f"exited with status {returncode}"
+
+
+class _Worker:
+    """One worker process as the pool sees it; at most one call is outstanding at a time."""
+
+    def __init__(self, pool: WorkerPool, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.pid = 0
+        self.decoder = FrameDecoder()
+        # The first reply is the unasked ("ready", pid).
+        self.pending: asyncio.Future[tuple[Any, ...]] | None = loop.create_future()
+        self.exited: asyncio.Future[int | None] = loop.create_future()
+        self.returncode: int | None = None
+        self.ready = False
+        self.loaded: dict[str, ComputationSpec] = {}
+        self.job_id: str | None = None
+        self.terminating = False
+        self._flush_timer: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<worker {self.pid} job={self.job_id}>"
+
+    # -- called from the pool ----------------------------------------------------------
+
+    async def call(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Send ``message`` and return the worker's reply; raises _WorkerGone if it exits first."""
+        if self.exited.done():
+            raise _WorkerGone(self.returncode)
+        assert self.pending is None, "one call at a time"
+        self._write(message)
+        future = self.pending = self.loop.create_future()
+        try:
+            return await future
+        finally:
+            if self.pending is future:
+                self.pending = None
+
+    def send_exit(self) -> None:
+        """Ask an idle worker to run its cleanups and exit."""
+        if not self.exited.done():
+            self._write(("exit",))
+
+    def kill(self) -> None:
+        """SIGKILL the worker's whole process group (it and every process its jobs started)."""
+        if self.exited.done() or not self.pid:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _write(self, message: tuple[Any, ...]) -> None:
+        assert self.transport is not None
+        stdin = self.transport.get_pipe_transport(0)
+        for part in encode_frame(message):
+            stdin.write(part)  # type: ignore[attr-defined]
+
+    # -- called from _WorkerProtocol ---------------------------------------------------
+
+    def attach(self, transport: asyncio.SubprocessTransport) -> None:
+        self.transport = transport
+        self.pid = transport.get_pid()
+        self.pool._workers.add(self)
+
+    def on_data(self, data: bytes) -> None:
+        try:
+            messages = [_loads(frame) for frame in self.decoder.feed(data)]
+        except Exception:
+            log.exception("worker %d broke the channel protocol; killing it", self.pid)
+            self.kill()
+            return
+        for message in messages:
+            future = self.pending
+            if future is None or future.done():
+                log.warning("worker %d sent an unexpected %r message", self.pid, message[0])
+                continue
+            self.pending = None
+            future.set_result(message)
+
+    def on_channel_closed(self) -> None:
+        # A worker closes its channel only by exiting; give it a moment to be seen exiting.
+        self.loop.call_later(1.0, self._kill_if_alive)
+
+    def _kill_if_alive(self) -> None:
+        if self.returncode is None and not self.exited.done():
+            log.warning("worker %d closed its channel but did not exit; killing it", self.pid)
+            self.kill()
+
+    def on_process_exited(self) -> None:
+        assert self.transport is not None
+        self.returncode = self.transport.get_returncode()
+        # Kill what its jobs left behind in its process group (orphans, or a grandchild
+        # holding the channel open).
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._flush_timer = self.loop.call_later(EXIT_FLUSH_DELAY, self.finish)
+
+    def finish(self) -> None:
+        """The process exited and its pipes are closed (or the flush delay passed)."""
+        if self.exited.done():
+            return
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+        assert self.transport is not None
+        if self.returncode is None:
+            self.returncode = self.transport.get_returncode()
+        future, self.pending = self.pending, None
+        if future is not None and not future.done():
+            future.set_exception(_WorkerGone(self.returncode))
+        self.exited.set_result(self.returncode)
+        self.transport.close()
+        self.pool._worker_exited(self)
+
+
+class _WorkerProtocol(asyncio.SubprocessProtocol):
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.worker.attach(transport)  # type: ignore[arg-type]
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if fd == 1:
+            self.worker.on_data(data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1:
+            self.worker.on_channel_closed()
+
+    def process_exited(self) -> None:
+        self.worker.on_process_exited()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.finish()
+
+
+def _collect_output(base: str) -> tuple[bytes, bytes]:
+    """Read (capped) and delete the output files of a worker that died."""
+    output = []
+    for path in (base + ".out", base + ".err"):
+        try:
+            output.append(read_capped(path))
+        except OSError:  # the directory is gone when the pool is closing
+            output.append(b"")
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return output[0], output[1]
+
+
+class WorkerPool:
+    """``cpus`` persistent worker processes running the jobs of loaded computations.
+
+    Use ``async with WorkerPool(n) as pool:`` or :meth:`start` / :meth:`aclose`.
+    ``env`` is the environment of the worker processes (default: the node's).
+    """
+
+    def __init__(self, cpus: int, *, env: dict[str, str] | None = None) -> None:
+        if not isinstance(cpus, int) or cpus < 1:
+            raise ConfigurationError(f"a worker pool needs at least one CPU, not {cpus!r}")
+        self.cpus = cpus
+        self._env = dict(env) if env is not None else None
+        self._specs: dict[str, ComputationSpec] = {}
+        self._workers: set[_Worker] = set()  # every process started and not yet finished
+        self._idle: list[_Worker] = []
+        self._waiters: deque[asyncio.Future[_Worker]] = deque()
+        self._running: dict[str, _Worker] = {}  # job_id -> worker
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._capture_dir = ""
+        self._state = "new"  # -> "open" -> "closing" -> "closed"
+        self._broken: BaseException | None = None
+        self._closed = asyncio.Event()
+
+    @property
+    def busy(self) -> int:
+        """Workers running a job now (loading its computation included)."""
+        return len(self._running)
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the live workers (for tests and diagnostics)."""
+        return sorted(w.pid for w in self._workers)
+
+    async def __aenter__(self) -> WorkerPool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Start the workers and wait until each is ready.
+
+        Raises:
+            ClusterError: a worker could not be started (the others are stopped again).
+            RuntimeError: the pool was started before.
+        """
+        if self._state != "new":
+            raise RuntimeError("a WorkerPool can be started only once")
+        self._state = "open"
+        self._capture_dir = tempfile.mkdtemp(prefix="clusterpy-pool-")
+        began = time.monotonic()
+        try:
+            async with asyncio.TaskGroup() as group:
+                spawns = [group.create_task(self._spawn()) for _ in range(self.cpus)]
+        except BaseException as exc:
+            await self.aclose()
+            if isinstance(exc, BaseExceptionGroup):
+                first = exc.exceptions[0]
+                raise ClusterError(f"cannot start the worker processes: {first}") from first
+            raise
+        for spawn in spawns:
+            self._release(spawn.result())
+        log.info("%d workers ready in %.3f s", self.cpus, time.monotonic() - began)
+
+    async def aclose(self) -> None:
+        """Stop every worker and wait for it: idle workers run their cleanups first (within
+        CLOSE_GRACE seconds), busy ones are killed and their run() returns "terminated".
+        Pending run() calls raise ClusterClosedError. Idempotent."""
+        if self._state == "new":
+            self._state = "closed"
+            self._closed.set()
+        if self._state == "closed":
+            return
+        if self._state == "closing":
+            await self._closed.wait()
+            return
+        self._state = "closing"
+        try:
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(ClusterClosedError("the worker pool is closed"))
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            workers = list(self._workers)
+            for worker in workers:
+                if worker in self._idle:
+                    worker.send_exit()
+                else:
+                    worker.terminating = True
+                    worker.kill()
+            self._idle.clear()
+            if workers:
+                await asyncio.wait([w.exited for w in workers], timeout=CLOSE_GRACE)
+                for worker in workers:
+                    if not worker.exited.done():
+                        log.warning("worker %d did not exit within %.1f s; killing it", worker.pid, CLOSE_GRACE)
+                        worker.kill()
+                await asyncio.wait([w.exited for w in workers], timeout=EXIT_FLUSH_DELAY + 1.0)
+        finally:
+            for worker in list(self._workers):
+                worker.kill()
+            self._state = "closed"
+            if self._capture_dir:
+                shutil.rmtree(self._capture_dir, ignore_errors=True)
+            self._closed.set()
+            log.info("worker pool closed")
+
+    def add_computation(self, spec: ComputationSpec) -> None:
+        """Register a computation; each worker loads it before its first job of it.
+
+        Raises:
+            ValueError: the spec is malformed, or another spec has the same comp_id.
+        """
+        if spec.kind == "function":
+            if not isinstance(spec.bundle, bytes):
+                raise ValueError(f"computation {spec.comp_id!r}: kind 'function' needs a bundle")
+        elif spec.kind == "program":
+            if not spec.program:
+                raise ValueError(f"computation {spec.comp_id!r}: kind 'program' needs a program argv")
+        else:
+            raise ValueError(f"computation {spec.comp_id!r}: unknown kind {spec.kind!r}")
+        if not os.path.isabs(spec.workdir):
+            raise ValueError(f"computation {spec.comp_id!r}: workdir must be absolute, not {spec.workdir!r}")
+        existing = self._specs.get(spec.comp_id)
+        if existing is None:
+            self._specs[spec.comp_id] = spec
+        elif existing != spec:
+            raise ValueError(f"computation {spec.comp_id!r} is already registered with another spec")
+
+    async def remove_computation(self, comp_id: str) -> None:
+        """Forget a computation; idle workers that loaded it run its cleanup now (awaited), busy
+        ones right after their current job (not awaited). Unknown ids are ignored."""
+        if self._specs.pop(comp_id, None) is None:
+            return
+        idle = [w for w in self._idle if comp_id in w.loaded]
+        for worker in idle:
+            self._idle.remove(worker)
+        tasks = [self._start_task(self._unload(worker, [comp_id])) for worker in idle]
+        if tasks:
+            # The tasks belong to the pool: cancelling this call does not interrupt cleanups.
+            await asyncio.wait(tasks)
+
+    async def run(self, job: WorkerJob) -> JobOutcome:
+        """Run ``job`` on the next idle worker and return its outcome.
+
+        Never raises for the job's own failures: an exception, a failed setup, a worker
+        that died or was terminated all come back as a JobOutcome. If the calling task is
+        cancelled while the job runs, its worker is killed (and replaced) and
+        CancelledError propagates.
+
+        Raises:
+            KeyError: the computation is not registered.
+            ValueError: a job with this id is already running.
+            ClusterClosedError: the pool is closed (or closes while the job waits).
+            ClusterError: the pool is broken (replacement workers cannot be started).
+            RuntimeError: the pool was not started.
+        """
+        self._check_open()
+        if job.comp_id not in self._specs:
+            raise KeyError(f"unknown computation {job.comp_id!r}")
+        worker = await self._acquire(job.comp_id)
+        spec = self._specs.get(job.comp_id)
+        if spec is None or job.job_id in self._running:
+            self._release(worker)
+            if spec is None:
+                raise KeyError(f"computation {job.comp_id!r} was removed")
+            raise ValueError(f"job {job.job_id!r} is already running")
+        self._running[job.job_id] = worker
+        worker.job_id = job.job_id
+        start = time.time()
+        try:
+            if worker.loaded.get(spec.comp_id) is not spec:
+                if spec.comp_id in worker.loaded:  # an older spec under the same id
+                    del worker.loaded[spec.comp_id]
+                    await worker.call(("unload", spec.comp_id))
+                reply = await worker.call(
+                    ("load", spec.comp_id, spec.kind, spec.workdir, spec.bundle, spec.program, spec.env)
+                )
+                worker.loaded[spec.comp_id] = spec
+                if reply[2] is not None:
+                    log.warning("setup of computation %s failed in worker %d: %s", spec.comp_id, worker.pid, reply[2])
+            reply = await worker.call(("run", job.job_id, job.comp_id, job.args))
+        except _WorkerGone as gone:
+            return await self._lost_outcome(worker, job, start, gone.returncode)
+        except BaseException:
+            # Cancelled (or a bug): the worker's state is unknown, so it is killed; it is
+            # replaced when its exit is seen.
+            worker.terminating = True
+            worker.kill()
+            raise
+        finally:
+            self._running.pop(job.job_id, None)
+            worker.job_id = None
+        self._release(worker)
+        return JobOutcome(**reply[1])
+
+    async def terminate(self, job_id: str) -> bool:
+        """Kill the worker running ``job_id`` (its run() then returns "terminated"; the
+        worker is replaced). Returns False if no such job is running."""
+        worker = self._running.get(job_id)
+        if worker is None:
+            return False
+        log.info("terminating job %s (worker %d)", job_id, worker.pid)
+        worker.terminating = True
+        worker.kill()
+        return True
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._state == "new":
+            raise RuntimeError("start() the worker pool first")
+        if self._state != "open":
+            raise ClusterClosedError("the worker pool is closed")
+        if self._broken is not None:
+            raise self._broken_error()
+
+    def _broken_error(self) -> ClusterError:
+        error = ClusterError(f"the worker pool is broken: cannot start worker processes ({self._broken})")
+        error.__cause__ = self._broken
+        return error
+
+    async def _spawn(self) -> _Worker:
+        loop = asyncio.get_running_loop()
+        worker = _Worker(self, loop)
+        began = time.monotonic()
+        await loop.subprocess_exec(
+            lambda: _WorkerProtocol(worker),
+            sys.executable, "-m", "clusterpy.worker", self._capture_dir, str(os.getpid()),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
+            start_new_session=True, env=self._env,
+        )
+        assert worker.pending is not None
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                message = await worker.pending
+        except _WorkerGone as gone:
+            raise ClusterError(
+                f"worker process {worker.pid} {_describe_exit(gone.returncode)} before it was ready "
+                f"(its stderr is the node's; try `{sys.executable} -m clusterpy.worker` by hand)"
+            ) from None
+        except TimeoutError:
+            worker.kill()
+            raise ClusterError(f"worker process {worker.pid} was not ready within {START_TIMEOUT} s") from None
+        except BaseException:
+            worker.kill()
+            raise
+        if message[0] != "ready":
+            worker.kill()
+            raise ClusterError(f"worker process {worker.pid} sent {message[0]!r} instead of 'ready'")
+        worker.ready = True
+        log.debug("worker %d ready in %.3f s", worker.pid, time.monotonic() - began)
+        return worker
+
+    def _worker_exited(self, worker: _Worker) -> None:
+        self._workers.discard(worker)
+        if worker in self._idle:
+            self._idle.remove(worker)
+        if not worker.ready or self._state != "open":
+            return  # a failed start is reported by _spawn; a close stops workers on purpose
+        level = logging.INFO if worker.terminating else logging.WARNING
+        log.log(level, "worker %d %s; starting a replacement", worker.pid, _describe_exit(worker.returncode))
+        self._start_task(self._replace())
+
+    async def _replace(self) -> None:
+        error: BaseException | None = None
+        for delay in RESPAWN_DELAYS:
+            await asyncio.sleep(delay)
+            try:
+                worker = await self._spawn()
+            except Exception as exc:
+                log.warning("cannot start a replacement worker: %s", exc)
+                error = exc
+                continue
+            self._release(worker)
+            return
+        assert error is not None
+        log.error("the worker pool is broken: %s", error)
+        self._broken = error
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(self._broken_error())
+
+    def _start_task(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker pool task failed", exc_info=task.exception())
+
+    async def _acquire(self, comp_id: str) -> _Worker:
+        if self._idle:
+            # Prefer a worker that has already run this computation's setup.
+            worker = next((w for w in self._idle if comp_id in w.loaded), self._idle[0])
+            self._idle.remove(worker)
+            return worker
+        waiter: asyncio.Future[_Worker] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(waiter.result())  # handed over just as we were cancelled
+            raise
+
+    def _release(self, worker: _Worker) -> None:
+        """Make ``worker`` available: to the first waiter, or the idle list."""
+        if worker.exited.done() or self._state != "open":
+            return  # dead workers are replaced by _worker_exited; aclose() stops the rest
+        stale = [cid for cid, spec in worker.loaded.items() if self._specs.get(cid) is not spec]
+        if stale:
+            self._start_task(self._unload(worker, stale))
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(worker)
+                return
+        self._idle.append(worker)
+
+    async def _unload(self, worker: _Worker, comp_ids: list[str]) -> None:
+        """Run the cleanup of ``comp_ids`` in ``worker`` (taken out of the idle list), then release it."""
+        try:
+            for comp_id in comp_ids:
+                worker.loaded.pop(comp_id, None)
+                reply = await worker.call(("unload", comp_id))
+                if reply[2] is not None:
+                    log.warning("cleanup of computation %s failed in worker %d:\n%s", comp_id, worker.pid, reply[2])
+        except _WorkerGone:
+            return
+        except BaseException:
+            worker.kill()
+            raise
+        self._release(worker)
+
+    async def _lost_outcome(self, worker: _Worker, job: WorkerJob, start: float, returncode: int | None) -> JobOutcome:
+        """The outcome of a job whose worker exited under it, with the output it had written."""
+        base = os.path.join(self._capture_dir, str(worker.pid))
+        stdout, stderr = await asyncio.to_thread(_collect_output, base)
+        if worker.terminating:
+            status, exc_type = "terminated", "JobTerminatedError"
+            message = f"job {job.job_id} was terminated: its worker process {worker.pid} {_describe_exit(returncode)}"
+        else:
+            status, exc_type = "died", "WorkerDiedError"
+            message = f"the worker process {worker.pid} running job {job.job_id} {_describe_exit(returncode)}"
+        return JobOutcome(
+            job_id=job.job_id, status=status, result=None, exception=None, exc_type=exc_type,
+            exc_message=message, traceback=None, stdout=stdout, stderr=stderr, start_time=start,
+            end_time=time.time(), cpu_time=0.0, exit_code=returncode,
+        )

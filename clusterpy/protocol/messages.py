@@ -1,0 +1,203 @@
+"""Messages exchanged after authentication, between a client (or scheduler) and a node.
+
+Every message is a frozen dataclass; :mod:`clusterpy.protocol.codec` turns them into bytes and
+back and refuses anything that is not listed in :data:`MESSAGE_TYPES`. User data (the
+computation, job arguments, results) travels inside them as opaque ``bytes`` produced by
+cloudpickle on the client or in a worker: the node routes those bytes without unpickling them.
+
+Flow for one computation::
+
+    client                                   node
+      DeployComputation(files manifest) ->
+                                          <- FilesNeeded(sha256s not in the node's cache)
+      FileChunk ... (only the missing ones) ->
+                                          <- ComputationReady | ComputationFailed
+      SubmitJobs(batch) ->
+                                          <- JobsStarted(batch)
+                                          <- JobDone (one per job, as they end)
+      CancelJob ->
+      CloseComputation ->
+      Ping <-> Pong (either side; liveness)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "FileMeta",
+    "DeployComputation",
+    "FilesNeeded",
+    "FileChunk",
+    "ComputationReady",
+    "ComputationFailed",
+    "JobRequest",
+    "SubmitJobs",
+    "JobStart",
+    "JobsStarted",
+    "JobDone",
+    "CancelJob",
+    "CloseComputation",
+    "Ping",
+    "Pong",
+    "Message",
+    "MESSAGE_TYPES",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FileMeta:
+    """One file of a computation: where it goes (relative name), its content hash, size, mode."""
+
+    name: str
+    sha256: str
+    size: int
+    mode: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeployComputation:
+    """Announce a computation. ``bundle`` is a cloudpickle blob for functions, ``program`` the
+    argv prefix (names relative to the computation directory) for standalone programs."""
+
+    comp_id: str
+    kind: str  # "function" | "program"
+    files: tuple[FileMeta, ...]
+    bundle: bytes | None
+    program: tuple[str, ...] | None
+    keep_files: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FilesNeeded:
+    comp_id: str
+    sha256s: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FileChunk:
+    comp_id: str
+    sha256: str
+    data: bytes
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ComputationReady:
+    comp_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ComputationFailed:
+    comp_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    job_id: str
+    attempt: int
+    args: bytes  # cloudpickle of (args, kwargs)
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitJobs:
+    comp_id: str
+    jobs: tuple[JobRequest, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JobStart:
+    job_id: str
+    attempt: int
+    start_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobsStarted:
+    comp_id: str
+    jobs: tuple[JobStart, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JobDone:
+    """A job ended on the node. ``status`` is the worker's outcome status:
+    finished | exception | died | terminated | setup_failed | cancelled."""
+
+    comp_id: str
+    job_id: str
+    attempt: int
+    status: str
+    result: bytes | None
+    exception: bytes | None
+    exc_type: str | None
+    exc_message: str | None
+    traceback: str | None
+    stdout: bytes
+    stderr: bytes
+    start_time: float
+    end_time: float
+    cpu_time: float
+    exit_code: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class CancelJob:
+    comp_id: str
+    job_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class CloseComputation:
+    comp_id: str
+    keep_files: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    sent: float
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    sent: float
+
+
+Message = (
+    DeployComputation
+    | FilesNeeded
+    | FileChunk
+    | ComputationReady
+    | ComputationFailed
+    | SubmitJobs
+    | JobsStarted
+    | JobDone
+    | CancelJob
+    | CloseComputation
+    | Ping
+    | Pong
+)
+
+# Everything the codec may construct while decoding; nothing else is ever looked up.
+MESSAGE_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        FileMeta,
+        DeployComputation,
+        FilesNeeded,
+        FileChunk,
+        ComputationReady,
+        ComputationFailed,
+        JobRequest,
+        SubmitJobs,
+        JobStart,
+        JobsStarted,
+        JobDone,
+        CancelJob,
+        CloseComputation,
+        Ping,
+        Pong,
+    )
+}

@@ -1,0 +1,408 @@
+"""asyncio TCP/TLS adapter for the clusterpy wire protocol: a thin shell.
+
+Data flow::
+
+    connect()/accept()                      Connection.send(payload)
+        |  ClientHandshake/ServerHandshake      |  SessionCipher.seal_parts -> frame_header
+        |  (exact-size reads: never past a      v
+        |   frame boundary, cap 4 KiB)      StreamWriter.writelines
+        v
+    Connection.recv()  <- SessionCipher.open <- FrameDecoder.feed <- StreamReader.read(256 KiB)
+
+Every decision (framing, caps, MACs, sequence numbers, refusals) is made by the sans-IO objects
+in :mod:`clusterpy.protocol`; this module only moves bytes, owns the clock (handshake
+deadline) and the randomness (nonces), and maps OS errors to
+:class:`~clusterpy.errors.ConnectionClosedError`.  A connection that saw a protocol error is
+closed at once: failure is total, and every later call raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import ssl as _ssl
+import sys
+from collections import deque
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import cloudpickle
+
+from ..errors import ClusterError, ConnectionClosedError, ProtocolError
+from ..protocol.framing import DEFAULT_MAX_FRAME, PREAUTH_MAX_FRAME, FrameDecoder, encode_frame, frame_header
+from ..protocol.handshake import NONCE_SIZE, ClientHandshake, ServerHandshake
+from ..protocol.session import OVERHEAD, SessionCipher
+
+__all__ = ["READ_SIZE", "Connection", "connect", "accept", "version_info"]
+
+_log = logging.getLogger("clusterpy.transport")
+
+#: Bytes asked of the StreamReader per read once authenticated.
+READ_SIZE = 256 * 1024
+# How long closing may wait for the peer to take our last bytes (e.g. a refusal).
+_CLOSE_TIMEOUT = 2.0
+_Handshake = ClientHandshake | ServerHandshake
+
+
+def version_info() -> dict[str, str]:
+    """The ``info`` entries the handshake requires, for this interpreter."""
+    return {
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "cloudpickle": str(cloudpickle.__version__),
+    }
+
+
+def _format_addr(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)
+
+
+def _set_nodelay(writer: asyncio.StreamWriter) -> None:
+    # Small request/reply messages must not wait for Nagle's algorithm.
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+async def _close_writer(writer: asyncio.StreamWriter) -> None:
+    """Close, letting queued bytes go out for a short while; never raises."""
+    writer.close()
+    try:
+        async with asyncio.timeout(_CLOSE_TIMEOUT):
+            await writer.wait_closed()
+    except (OSError, TimeoutError):
+        writer.transport.abort()
+
+
+class Connection:
+    """An authenticated connection: sealed, framed payloads in both directions.
+
+    Use :meth:`send` (+ :meth:`drain` for back-pressure) and :meth:`recv` from one receiving
+    task; close with :meth:`aclose` or ``async with``.  Created by :func:`connect` and
+    :func:`accept` only.
+    """
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        cipher: SessionCipher,
+        decoder: FrameDecoder,
+        *,
+        peer_role: str,
+        peer_info: dict[str, str],
+        peername: Any,
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._cipher = cipher
+        self._decoder = decoder
+        self._frames: deque[bytes] = deque()
+        self._closed = False  # closed by us
+        self._error: ClusterError | None = None  # what broke it, if something did
+        self._receiving = False
+        #: The peer's authenticated role label.
+        self.peer_role = peer_role
+        #: The peer's authenticated info (versions etc.).
+        self.peer_info = peer_info
+        #: The peer's address as the socket reports it.
+        self.peername: Any = peername
+        self._label = f"{peer_role} {_format_addr(peername)}"
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<Connection {self._label} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once closed locally or broken by an error; send/recv then raise."""
+        return self._closed or self._error is not None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionClosedError(f"connection to {self._label} was closed locally")
+        if self._error is not None:
+            raise ConnectionClosedError(
+                f"connection to {self._label} is broken: {self._error}"
+            ) from self._error
+
+    def _broken(self, error: ClusterError) -> ClusterError:
+        """Record the first error, drop the transport, and return ``error`` for raising."""
+        if self._error is None and not self._closed:
+            self._error = error
+            self._writer.close()
+        return error
+
+    def send(self, payload: bytes | bytearray | memoryview) -> None:
+        """Seal and queue ``payload`` (no await; call :meth:`drain` for back-pressure).
+
+        Raises:
+            ConnectionClosedError: the connection is closed or broken.
+            ValueError: the sealed payload would exceed the frame cap.
+        """
+        self._check_open()
+        if self._writer.transport.is_closing():
+            raise self._broken(ConnectionClosedError(f"{self._label} closed the connection"))
+        size = len(payload) + OVERHEAD
+        if size > self._decoder.max_frame:
+            raise ValueError(
+                f"payload of {len(payload)} bytes exceeds the frame cap of "
+                f"{self._decoder.max_frame} bytes"
+            )
+        self._writer.writelines([frame_header(size), *self._cipher.seal_parts(payload)])
+
+    async def drain(self) -> None:
+        """Wait until the write buffer is below its high-water mark.
+
+        Raises:
+            ConnectionClosedError: the connection is closed, broken or reset.
+        """
+        self._check_open()
+        try:
+            await self._writer.drain()
+        except OSError as exc:  # ConnectionResetError, BrokenPipeError, ssl.SSLError...
+            raise self._broken(
+                ConnectionClosedError(f"connection to {self._label} failed: {exc}")
+            ) from exc
+
+    async def recv(self) -> bytes:
+        """Return the next authenticated payload.
+
+        Raises:
+            ConnectionClosedError: EOF, reset, or the connection is closed.
+            ProtocolError: (a subclass) an oversized frame, bad MAC or out-of-sequence frame;
+                the connection is closed.
+            RuntimeError: another task is already awaiting recv().
+        """
+        if self._receiving:
+            raise RuntimeError("recv() is already being awaited by another task")
+        self._check_open()
+        self._receiving = True
+        try:
+            while not self._frames:
+                try:
+                    data = await self._reader.read(READ_SIZE)
+                except OSError as exc:
+                    raise self._broken(
+                        ConnectionClosedError(f"connection to {self._label} failed: {exc}")
+                    ) from exc
+                if not data:
+                    self._check_open()  # a local close() while we waited ends here
+                    partial = " in the middle of a frame" if self._decoder.buffered else ""
+                    raise self._broken(
+                        ConnectionClosedError(f"{self._label} closed the connection{partial}")
+                    )
+                try:
+                    self._frames.extend(self._decoder.feed(data))
+                except ProtocolError as exc:
+                    raise self._broken(exc) from None
+            body = self._frames.popleft()
+            try:
+                return self._cipher.open(body)
+            except ProtocolError as exc:
+                raise self._broken(exc) from None
+        finally:
+            self._receiving = False
+
+    def close(self) -> None:
+        """Start closing (queued bytes are still flushed). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._writer.close()
+
+    async def aclose(self) -> None:
+        """Close and wait (briefly) until the transport is gone. Idempotent; never raises."""
+        self.close()
+        await _close_writer(self._writer)
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+# --- handshake driving ----------------------------------------------------------------------
+
+
+async def _read_frame(reader: asyncio.StreamReader, decoder: FrameDecoder) -> bytes:
+    # Read exactly what the decoder still needs so bytes sent right after the handshake's last
+    # message (already under the post-auth cap) stay in the StreamReader for the Connection.
+    while True:
+        need = decoder.needed
+        data = await reader.read(need) if need else b""
+        if need and not data:
+            raise EOFError
+        frames = decoder.feed(data)
+        if frames:
+            return frames[0]
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hs: _Handshake,
+    decoder: FrameDecoder,
+) -> None:
+    if isinstance(hs, ClientHandshake):
+        writer.write(encode_frame(hs.start()))
+    while not hs.done:
+        await writer.drain()
+        reply = hs.receive(await _read_frame(reader, decoder))
+        if reply is not None:
+            writer.write(encode_frame(reply))
+    await writer.drain()
+
+
+def _peer_label(hs: _Handshake, expected: frozenset[str] | None, default: str) -> str:
+    if hs.peer_authenticated:
+        return hs.peer_role
+    if expected is not None and len(expected) == 1:
+        return next(iter(expected))
+    return default
+
+
+async def _handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    hs: _Handshake,
+    *,
+    deadline: float,
+    timeout: float,
+    expected: frozenset[str] | None,
+    max_frame: int,
+) -> Connection:
+    """Run ``hs`` to completion; on failure send its refusal, close, and raise."""
+    server = isinstance(hs, ServerHandshake)
+    peername = writer.get_extra_info("peername")
+    addr = _format_addr(peername)
+    decoder = FrameDecoder(PREAUTH_MAX_FRAME)
+    refusal: bytes | None = None
+    error: ClusterError
+    try:
+        try:
+            async with asyncio.timeout_at(deadline):
+                await _exchange(reader, writer, hs, decoder)
+        except ProtocolError as exc:  # from the handshake or the decoder
+            refusal = hs.refusal if hs.failed else hs.abort(exc)
+            who = _peer_label(hs, expected, "client" if server else "server")
+            if hs.refusal_reason is not None:
+                msg = f"{who} {addr} refused the connection: {hs.refusal_reason}"
+            else:
+                msg = f"handshake with {who} {addr} failed: {exc}"
+            error = type(exc)(msg)
+            error.__cause__ = exc
+        except TimeoutError as exc:
+            msg = f"handshake timed out after {timeout:g} s"
+            refusal = hs.abort(ConnectionClosedError(msg))
+            error = ConnectionClosedError(f"handshake with {addr} failed: {msg}")
+            error.__cause__ = exc
+        except (EOFError, OSError) as exc:  # EOF, reset, broken pipe, TLS failure
+            hs.abort(ConnectionClosedError(str(exc)))
+            detail = f": {exc}" if str(exc) else ""
+            error = ConnectionClosedError(f"{addr} closed the connection during the handshake"
+                                          f"{detail}")
+            error.__cause__ = exc
+        else:
+            decoder.max_frame = max_frame
+            _set_nodelay(writer)
+            return Connection(
+                reader, writer, SessionCipher(hs.send_key, hs.recv_key), decoder,
+                peer_role=hs.peer_role, peer_info=hs.peer_info, peername=peername,
+            )
+    except BaseException:
+        # Cancellation or a bug: never leak the socket.
+        writer.transport.abort()
+        raise
+    if server:
+        level = logging.INFO if isinstance(error, ConnectionClosedError) and refusal is None \
+            else logging.WARNING
+        _log.log(level, "refused connection from %s: %s", addr, error)
+    if refusal is not None and not writer.transport.is_closing():
+        writer.write(encode_frame(refusal))
+    await _close_writer(writer)
+    raise error
+
+
+async def connect(
+    host: str,
+    port: int,
+    *,
+    secret: bytes,
+    role: str,
+    info: Mapping[str, str],
+    expected_peer_roles: frozenset[str] | set[str] | None = None,
+    ssl: _ssl.SSLContext | bool | None = None,
+    handshake_timeout: float = 10.0,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> Connection:
+    """Connect to ``host:port``, authenticate both ways, and return the connection.
+
+    ``handshake_timeout`` bounds connecting plus the whole handshake.
+
+    Raises:
+        ConnectionClosedError: cannot connect, the peer hung up, or the deadline passed.
+        AuthenticationError: wrong secret or unaccepted role (either side).
+        VersionMismatchError: protocol, Python or cloudpickle versions differ.
+        ProtocolError: the server broke the protocol.
+        ValueError: an argument is invalid.
+    """
+    expected = None if expected_peer_roles is None else frozenset(expected_peer_roles)
+    hs = ClientHandshake(secret, role=role, info=dict(info), nonce=os.urandom(NONCE_SIZE),
+                         expected_peer_roles=expected)
+    FrameDecoder(max_frame)  # validate max_frame before touching the network
+    deadline = asyncio.get_running_loop().time() + handshake_timeout
+    addr = _format_addr((host, port))
+    try:
+        async with asyncio.timeout_at(deadline):
+            reader, writer = await asyncio.open_connection(host, port, ssl=ssl, limit=READ_SIZE)
+    except TimeoutError as exc:
+        raise ConnectionClosedError(
+            f"connecting to {addr} timed out after {handshake_timeout:g} s") from exc
+    except OSError as exc:
+        raise ConnectionClosedError(f"cannot connect to {addr}: {exc}") from exc
+    return await _handshake(reader, writer, hs, deadline=deadline, timeout=handshake_timeout,
+                            expected=expected, max_frame=max_frame)
+
+
+async def accept(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    secret: bytes,
+    role: str,
+    info: Mapping[str, str],
+    expected_peer_roles: frozenset[str] | set[str] | None = None,
+    handshake_timeout: float = 10.0,
+    max_frame: int = DEFAULT_MAX_FRAME,
+) -> Connection:
+    """Authenticate a freshly accepted stream (inside an ``asyncio.start_server`` callback).
+
+    On failure the refusal (if any) is sent, the writer is closed, the failure is logged on
+    ``clusterpy.transport`` (WARNING for refusals), and the error is raised.
+
+    Raises:
+        as :func:`connect` (ConnectionClosedError also for a handshake timeout).
+    """
+    expected = None if expected_peer_roles is None else frozenset(expected_peer_roles)
+    try:
+        hs = ServerHandshake(secret, role=role, info=dict(info), nonce=os.urandom(NONCE_SIZE),
+                             expected_peer_roles=expected)
+        FrameDecoder(max_frame)
+    except ValueError:
+        writer.transport.abort()
+        raise
+    deadline = asyncio.get_running_loop().time() + handshake_timeout
+    return await _handshake(reader, writer, hs, deadline=deadline, timeout=handshake_timeout,
+                            expected=expected, max_frame=max_frame)

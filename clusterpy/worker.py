@@ -1,0 +1,530 @@
+"""The worker process of a node's pool: loads computations once, then runs their jobs.
+
+:mod:`clusterpy.pool` starts one of these per CPU as ``python -m clusterpy.worker
+CAPTURE_DIR PARENT_PID`` in a new session (so its process group holds every process a
+job starts). Nobody else should start it.
+
+Data flow::
+
+    pool (asyncio, in the node)                     worker (this module, synchronous)
+    ───────────────────────────                     ─────────────────────────────────
+    stdin pipe  ──── frame(command) ──────────────▶ fd 0, dup'd to a private fd at start
+    stdout pipe ◀─────────── frame(reply) ───────── fd 1, dup'd to a private fd at start
+                                                    fds 0, 1, 2 then point at /dev/null;
+                                                    during a job fds 1, 2 point at
+                                                    CAPTURE_DIR/<pid>.out and .err
+
+    frame = 4-byte big-endian length + pickle of a tuple of builtins (str, bytes, dict...)
+
+Commands and replies (exactly one reply per command, except ``exit``)::
+
+    ("load", comp_id, kind, workdir, bundle, program, env)  ->  ("loaded", comp_id, error | None)
+    ("run", job_id, comp_id, args)                          ->  ("done", {JobOutcome fields})
+    ("unload", comp_id)                                     ->  ("unloaded", comp_id, error | None)
+    ("exit",)                                               ->  (cleanups run, process exits 0)
+    at start-up, unasked                                    ->  ("ready", pid)
+
+User data (bundle, args, results, exceptions) crosses the channel only as opaque
+cloudpickle ``bytes``; the pool unpickles the frames with an unpickler that refuses
+every class, so nothing a job returns is ever unpickled in the node.
+
+Because the private channel fds are the only way back to the pool, nothing a job writes
+(``print``, C-level ``write(1, ...)``, child processes) can corrupt the channel. Output
+files are named after the worker's pid so that the pool can still collect the output
+(including the faulthandler traceback of a segfault) of a job whose worker died.
+
+Inside a job, :data:`current_job_id` is the id of the job being run (``None`` between
+jobs): ``import clusterpy.worker; clusterpy.worker.current_job_id``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+
+__all__ = ["current_job_id", "encode_frame", "FrameDecoder", "read_capped", "OUTPUT_CAP", "main"]
+
+#: Id of the job this process is running now, ``None`` between jobs.
+current_job_id: str | None = None
+
+#: Bytes of stdout (and separately of stderr) kept per job; the middle of longer output is cut.
+OUTPUT_CAP = 16 * 1024 * 1024
+#: Largest frame the 4-byte length prefix can describe.
+MAX_FRAME = 0xFFFFFFFF
+#: A pickled result larger than this is reported as an exception (room left for the rest of the frame).
+MAX_RESULT = MAX_FRAME - 2 * OUTPUT_CAP - (1 << 20)
+#: A pickled exception larger than this is dropped (its type, message and traceback still travel).
+MAX_EXCEPTION = 1 << 20
+
+_HEADER_LEN = 4
+
+
+# ---------------------------------------------------------------------------------------
+# Channel framing (also used by clusterpy.pool; kept here so the worker never imports asyncio)
+# ---------------------------------------------------------------------------------------
+
+
+def encode_frame(message: tuple[object, ...]) -> tuple[bytes, bytes]:
+    """Return ``(header, payload)`` for ``message``; raises ValueError if it is over :data:`MAX_FRAME`."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(payload) > MAX_FRAME:
+        raise ValueError(f"frame of {len(payload)} bytes exceeds the channel's {MAX_FRAME}-byte limit")
+    return len(payload).to_bytes(_HEADER_LEN, "big"), payload
+
+
+class FrameDecoder:
+    """Sans-IO decoder: feed it bytes as they arrive, get back the complete frame payloads."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Append ``data``; return the payloads of the frames it completed, in order."""
+        self._buf += data
+        frames: list[bytes] = []
+        while len(self._buf) >= _HEADER_LEN:
+            size = int.from_bytes(self._buf[:_HEADER_LEN], "big")
+            end = _HEADER_LEN + size
+            if len(self._buf) < end:
+                break
+            with memoryview(self._buf) as view:
+                frames.append(bytes(view[_HEADER_LEN:end]))
+            del self._buf[:end]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a complete frame."""
+        return len(self._buf)
+
+
+def read_capped(path: str, cap: int = OUTPUT_CAP) -> bytes:
+    """Return the contents of ``path`` (``b""`` if missing), keeping its head and tail if over ``cap``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return b""
+    try:
+        size = os.fstat(fd).st_size
+        if size <= cap:
+            return _pread_all(fd, size, 0)
+        half = cap // 2
+        marker = (
+            f"\n[clusterpy: {size - 2 * half} bytes of output cut; "
+            f"the first and last {half} of {size} bytes are kept]\n"
+        ).encode()
+        return _pread_all(fd, half, 0) + marker + _pread_all(fd, half, size - half)
+    finally:
+        os.close(fd)
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, size, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+# ---------------------------------------------------------------------------------------
+# The worker
+# ---------------------------------------------------------------------------------------
+
+
+class _Computation:
+    __slots__ = ("comp_id", "kind", "workdir", "program", "env", "compute", "cleanup",
+                 "setup_error", "setup_output")
+
+    def __init__(self, comp_id: str, kind: str, workdir: str, program: list[str] | None,
+                 env: dict[str, str] | None) -> None:
+        self.comp_id = comp_id
+        self.kind = kind
+        self.workdir = workdir
+        self.program = program
+        self.env = env or {}
+        self.compute = None
+        self.cleanup = None
+        self.setup_error: dict[str, object] | None = None
+        self.setup_output: tuple[bytes, bytes] = (b"", b"")
+
+
+class _Worker:
+    def __init__(self, chan_in: int, chan_out: int, capture_dir: str, devnull: int) -> None:
+        self.chan_in = chan_in
+        self.chan_out = chan_out
+        self.devnull = devnull
+        self.capture = os.path.join(capture_dir, str(os.getpid()))
+        self.home = os.getcwd()
+        self.comps: dict[str, _Computation] = {}
+        self._cloudpickle = None
+
+    # -- channel -----------------------------------------------------------------------
+
+    def send(self, message: tuple[object, ...]) -> None:
+        for part in encode_frame(message):
+            view = memoryview(part)
+            while view:
+                view = view[os.write(self.chan_out, view):]
+
+    def receive(self) -> tuple[object, ...] | None:
+        header = self._read_exact(_HEADER_LEN)
+        if header is None:
+            return None
+        payload = self._read_exact(int.from_bytes(header, "big"))
+        if payload is None:
+            return None
+        return pickle.loads(payload)
+
+    def _read_exact(self, size: int) -> bytes | None:
+        buf = bytearray()
+        while len(buf) < size:
+            chunk = os.read(self.chan_in, min(size - len(buf), 1 << 20))
+            if not chunk:
+                return None
+            buf += chunk
+        return bytes(buf)
+
+    def serve(self) -> None:
+        self.send(("ready", os.getpid()))
+        while True:
+            command = self.receive()
+            if command is None or command[0] == "exit":
+                break
+            op = command[0]
+            if op == "run":
+                self.send(("done", self.run(*command[1:])))
+            elif op == "load":
+                self.send(("loaded", command[1], self.load(*command[1:])))
+            elif op == "unload":
+                self.send(("unloaded", command[1], self.unload(command[1])))
+            else:
+                raise ValueError(f"unknown command {op!r}")
+        for comp_id in list(self.comps):
+            self.unload(comp_id)
+        for suffix in (".out", ".err"):
+            _unlink(self.capture + suffix)
+
+    @property
+    def cloudpickle(self):  # type: ignore[no-untyped-def]
+        # Imported on first use: it is most of the worker's start-up time otherwise.
+        if self._cloudpickle is None:
+            import cloudpickle
+
+            self._cloudpickle = cloudpickle
+        return self._cloudpickle
+
+    # -- commands ----------------------------------------------------------------------
+
+    def load(self, comp_id: str, kind: str, workdir: str, bundle: bytes | None,
+             program: list[str] | None, env: dict[str, str] | None) -> str | None:
+        """Unpickle the computation and run its setup; return the error message, if any."""
+        comp = _Computation(comp_id, kind, workdir, program, env)
+        self.comps[comp_id] = comp
+        if workdir not in sys.path:
+            sys.path.insert(0, workdir)
+        with _Capture(self.capture, self.devnull) as capture, _Environ(comp.env), _Cwd(workdir, self.home):
+            try:
+                if kind == "function":
+                    self.cloudpickle  # noqa: B018 -- make sure cloudpickle's reducers are importable
+                    parts = pickle.loads(bundle)  # type: ignore[arg-type]
+                    comp.compute = parts["compute"]
+                    comp.cleanup = parts.get("cleanup")
+                    setup = parts.get("setup")
+                    _inject(parts.get("depends") or (), (comp.compute, setup, comp.cleanup))
+                    if setup is not None:
+                        status = setup(*tuple(parts.get("setup_args") or ()))
+                        # dispy's contract: setup returns 0 (or None here) on success.
+                        if status not in (None, 0):
+                            raise RuntimeError(f"setup returned {status!r} (expected None or 0)")
+                elif kind == "program":
+                    if not program:
+                        raise ValueError("a program computation needs a non-empty program argv")
+                else:
+                    raise ValueError(f"unknown computation kind {kind!r}")
+            except BaseException as exc:  # noqa: BLE001 -- any failure, SystemExit included, fails the setup
+                comp.setup_error = self._describe(exc, skip=1)
+        if comp.setup_error is None:
+            capture.discard()
+            return None
+        comp.setup_output = capture.read()
+        capture.discard()
+        return str(comp.setup_error["exc_message"])
+
+    def unload(self, comp_id: str) -> str | None:
+        """Run the computation's cleanup (if its setup succeeded) and drop it."""
+        comp = self.comps.pop(comp_id, None)
+        if comp is None:
+            return None
+        error = None
+        if comp.cleanup is not None and comp.setup_error is None:
+            with _Environ(comp.env), _Cwd(comp.workdir, self.home):
+                try:
+                    comp.cleanup()
+                except BaseException as exc:  # noqa: BLE001
+                    error = str(self._describe(exc)["traceback"])
+        if not any(c.workdir == comp.workdir for c in self.comps.values()):
+            while comp.workdir in sys.path:
+                sys.path.remove(comp.workdir)
+            prefix = os.path.join(comp.workdir, "")
+            for name, module in list(sys.modules.items()):
+                if (getattr(module, "__file__", None) or "").startswith(prefix):
+                    del sys.modules[name]
+        return error
+
+    def run(self, job_id: str, comp_id: str, args: bytes) -> dict[str, object]:
+        """Run one job; return the fields of its JobOutcome. Never raises for the job's faults."""
+        global current_job_id
+        comp = self.comps.get(comp_id)
+        if comp is None or comp.setup_error is not None:
+            now = time.time()
+            if comp is None:
+                error = self._describe(LookupError(f"computation {comp_id!r} is not loaded in this worker"))
+                status, output = "exception", (b"", b"")
+            else:
+                error, status, output = comp.setup_error, "setup_failed", comp.setup_output
+            return dict(job_id=job_id, status=status, result=None, **error,  # type: ignore[arg-type]
+                        stdout=output[0], stderr=output[1], start_time=now, end_time=now,
+                        cpu_time=0.0, exit_code=None)
+
+        if comp.workdir in sys.path:
+            sys.path.remove(comp.workdir)
+        sys.path.insert(0, comp.workdir)
+        status, result, error, exit_code = "finished", None, None, None
+        with _Capture(self.capture, self.devnull) as capture, _Environ(comp.env), _Cwd(comp.workdir, self.home):
+            current_job_id = job_id
+            start, cpu_start = time.time(), _cpu_seconds()
+            try:
+                call_args, call_kwargs = pickle.loads(args)
+                if comp.kind == "program":
+                    value = exit_code = _run_program(comp, call_args, call_kwargs)
+                else:
+                    value = comp.compute(*call_args, **call_kwargs)  # type: ignore[misc]
+            except BaseException as exc:  # noqa: BLE001 -- SystemExit/KeyboardInterrupt end the job, not the worker
+                status, error = "exception", self._describe(exc, skip=1)
+            finally:
+                current_job_id = None
+            if error is None:
+                result, error = self._pickle_result(value)
+                if error is not None:
+                    status = "exception"
+                del value
+            cpu = _cpu_seconds() - cpu_start
+            end = time.time()
+        stdout, stderr = capture.read()
+        capture.discard()
+        if error is None:
+            error = dict(exception=None, exc_type=None, exc_message=None, traceback=None)
+        return dict(job_id=job_id, status=status, result=result, **error, stdout=stdout,
+                    stderr=stderr, start_time=start, end_time=end, cpu_time=cpu,
+                    exit_code=exit_code)
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _pickle_result(self, value: object) -> tuple[bytes | None, dict[str, object] | None]:
+        try:
+            blob = self.cloudpickle.dumps(value)
+        except BaseException as exc:  # noqa: BLE001
+            cause = exc
+            problem = f"could not be pickled: {type(exc).__name__}: {exc}"
+        else:
+            if len(blob) <= MAX_RESULT:
+                return blob, None
+            cause, problem = None, f"is too large to send back ({len(blob)} bytes pickled)"
+        error = pickle.PicklingError(f"the job's result ({type(value).__qualname__}) {problem}")
+        try:
+            raise error from cause
+        except pickle.PicklingError as exc:
+            return None, self._describe(exc)
+
+    def _describe(self, exc: BaseException, skip: int = 0) -> dict[str, object]:
+        """Return the exception fields of a JobOutcome for ``exc``; ``skip`` drops our own frames."""
+        import traceback
+
+        tb = exc.__traceback__
+        for _ in range(skip):
+            if tb is not None and tb.tb_next is not None:
+                tb = tb.tb_next
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+        try:
+            message = str(exc)
+        except BaseException:  # noqa: BLE001 -- a broken __str__ must not kill the worker
+            message = f"<unprintable {type(exc).__name__}>"
+        try:
+            blob = self.cloudpickle.dumps(exc)
+            if len(blob) > MAX_EXCEPTION:
+                blob = None
+        except BaseException:  # noqa: BLE001 -- unpicklable exceptions travel as text only
+            blob = None
+        return dict(exception=blob, exc_type=type(exc).__name__, exc_message=message, traceback=text)
+
+
+def _run_program(comp: _Computation, args: tuple[object, ...], kwargs: dict[str, object]) -> int:
+    import subprocess
+
+    if kwargs:
+        raise TypeError(f"a program computation takes no keyword arguments (got {sorted(kwargs)})")
+    argv = list(comp.program or ()) + [str(a) for a in args]
+    # stdout/stderr are inherited: fds 1 and 2 are this job's capture files.
+    return subprocess.run(argv, cwd=comp.workdir, stdin=subprocess.DEVNULL, check=False).returncode
+
+
+def _inject(depends: object, functions: tuple[object, ...]) -> None:
+    """Bind each dependency under its ``__name__`` in the globals of the computation's functions."""
+    from types import ModuleType
+
+    namespaces = {}
+    for fn in functions:
+        namespace = getattr(fn, "__globals__", None)
+        if isinstance(namespace, dict):
+            namespaces[id(namespace)] = namespace
+    for obj in depends:  # type: ignore[attr-defined]
+        if isinstance(obj, ModuleType):
+            name = obj.__name__.partition(".")[0]  # `import a.b` binds `a`
+            obj = sys.modules.get(name, obj)
+        else:
+            name = obj.__name__
+        for namespace in namespaces.values():
+            namespace[name] = obj
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 -- a job may have closed or replaced the stream
+            pass
+
+
+class _Capture:
+    """Point fds 1 and 2 (and so sys.stdout/sys.stderr) at fresh per-worker output files."""
+
+    def __init__(self, base: str, devnull: int) -> None:
+        self.paths = (base + ".out", base + ".err")
+        self.devnull = devnull
+
+    def __enter__(self) -> _Capture:
+        _flush_std()
+        for target, path in zip((1, 2), self.paths):
+            # A fresh file each time: a child a previous job left running keeps writing to the old one.
+            _unlink(path)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.dup2(fd, target)
+            os.close(fd)
+        self.saved = (sys.stdout, sys.stderr)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _flush_std()
+        sys.stdout, sys.stderr = self.saved
+        _flush_std()
+        os.dup2(self.devnull, 1)
+        os.dup2(self.devnull, 2)
+
+    def read(self) -> tuple[bytes, bytes]:
+        return read_capped(self.paths[0]), read_capped(self.paths[1])
+
+    def discard(self) -> None:
+        for path in self.paths:
+            _unlink(path)
+
+
+class _Environ:
+    """Apply a computation's environment variables for the duration of a call."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def __enter__(self) -> None:
+        self.saved = {key: os.environ.get(key) for key in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc_info: object) -> None:
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _Cwd:
+    def __init__(self, path: str, home: str) -> None:
+        self.path, self.home = path, home
+
+    def __enter__(self) -> None:
+        os.chdir(self.path)
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            os.chdir(self.home)
+        except OSError:
+            os.chdir("/")
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL us if the node dies, so a killed node leaves no busy workers behind."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # 1 == PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 -- best effort; EOF on the channel still stops an idle worker
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the worker loop; ``argv`` is ``[CAPTURE_DIR, PARENT_PID]``. Returns the exit status."""
+    capture_dir, parent_pid = (sys.argv[1:] if argv is None else argv)[:2]
+    # The channel moves to private (close-on-exec) fds; 0, 1 and 2 become /dev/null so that
+    # nothing a job reads or writes through them can touch the channel.
+    chan_in, chan_out, diag = os.dup(0), os.dup(1), os.dup(2)
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr] -- prints reach the file before a crash
+    import faulthandler
+
+    faulthandler.enable()  # writes to fd 2, i.e. the running job's stderr file
+    _die_with_parent(int(parent_pid))
+    worker = _Worker(chan_in, chan_out, capture_dir, devnull)
+    try:
+        worker.serve()
+    except BrokenPipeError:
+        return 0  # the pool went away
+    except BaseException:
+        import traceback
+
+        os.write(diag, f"clusterpy.worker {os.getpid()}: internal error\n{traceback.format_exc()}".encode())
+        return 70
+    return 0
+
+
+if __name__ == "__main__":
+    # Run main() in the importable module, not in __main__, so that jobs see the live
+    # `clusterpy.worker.current_job_id`.
+    from clusterpy import worker as _worker
+
+    sys.exit(_worker.main())

@@ -1,0 +1,180 @@
+"""The scheduling core driven directly: no sockets, no event loop."""
+
+import random
+
+import pytest
+
+from clusterpy.core.scheduler import (
+    CancelOnNode,
+    CancelRequested,
+    DeliverResult,
+    DispatchJobs,
+    JobReported,
+    JobsStarted,
+    JobState,
+    JobSubmitted,
+    NodeJoined,
+    NodeLost,
+    ResolveJob,
+    SchedulerCore,
+)
+
+
+def dispatched(actions):
+    return [(a.node_id, j) for a in actions if isinstance(a, DispatchJobs) for j in a.jobs]
+
+
+def test_jobs_wait_for_a_node_then_fill_cpus_plus_prefetch():
+    core = SchedulerCore(prefetch=1)
+    for i in range(10):
+        assert core.handle(JobSubmitted(f"j{i}")) == []
+    actions = core.handle(NodeJoined("n1", 2))
+    assert dispatched(actions) == [("n1", (f"j{i}", 1)) for i in range(4)]
+    core.validate()
+    # Each report frees one slot, which is refilled at once.
+    actions = core.handle(JobReported("n1", "j0", 1))
+    assert actions[0] == DeliverResult("j0", 1)
+    assert dispatched(actions) == [("n1", ("j4", 1))]
+    core.validate()
+
+
+def test_submissions_spread_round_robin_over_nodes():
+    core = SchedulerCore(prefetch=0)
+    core.handle(NodeJoined("a", 2))
+    core.handle(NodeJoined("b", 2))
+    placed = [dispatched(core.handle(JobSubmitted(f"j{i}")))[0][0] for i in range(4)]
+    assert sorted(placed) == ["a", "a", "b", "b"]
+    assert core.handle(JobSubmitted("j4")) == []  # all slots taken: queued
+    assert core.queued() == 1
+    core.validate()
+
+
+def test_lost_node_resubmits_reentrant_jobs_and_discards_late_reports():
+    core = SchedulerCore(prefetch=0, reentrant=True)
+    core.handle(NodeJoined("a", 1))
+    core.handle(NodeJoined("b", 1))
+    core.handle(JobSubmitted("j1"))
+    core.handle(JobSubmitted("j2"))
+    job_on_a = "j1" if core.node_of("j1") == "a" else "j2"
+    core.handle(JobsStarted("a", ((job_on_a, 1),)))
+    actions = core.handle(NodeLost("a", "connection reset"))
+    assert actions == []  # b is busy: the job is queued again, first in line
+    assert core.state_of(job_on_a) is JobState.QUEUED
+    other = "j2" if job_on_a == "j1" else "j1"
+    actions = core.handle(JobReported("b", other, 1))
+    assert dispatched(actions) == [("b", (job_on_a, 2))]
+    # The lost node comes back and reports attempt 1: it is discarded.
+    assert core.handle(JobReported("a", job_on_a, 1)) == []
+    assert core.handle(JobReported("b", job_on_a, 2)) == [DeliverResult(job_on_a, 2)]
+    assert core.pending() == 0
+    core.validate()
+
+
+def test_lost_node_abandons_jobs_when_not_reentrant():
+    core = SchedulerCore(prefetch=1, reentrant=False)
+    core.handle(NodeJoined("a", 1))
+    core.handle(JobSubmitted("j1"))
+    core.handle(JobSubmitted("j2"))
+    core.handle(JobSubmitted("j3"))  # queued: never sent, so it survives
+    actions = core.handle(NodeLost("a", "killed"))
+    resolved = {a.job_id: a.state for a in actions if isinstance(a, ResolveJob)}
+    assert resolved == {"j1": JobState.ABANDONED, "j2": JobState.ABANDONED}
+    assert core.state_of("j3") is JobState.QUEUED
+    core.validate()
+
+
+def test_poison_job_is_abandoned_after_allowed_failures():
+    core = SchedulerCore(prefetch=0, reentrant=True, allowed_failures=3)
+    core.handle(JobSubmitted("poison"))
+    for i in range(3):
+        actions = core.handle(NodeJoined(f"n{i}", 1))
+        assert dispatched(actions) == [(f"n{i}", ("poison", i + 1))]
+        actions = core.handle(NodeLost(f"n{i}", "died"))
+    assert [a.state for a in actions if isinstance(a, ResolveJob)] == [JobState.ABANDONED]
+    assert "3 nodes" in actions[0].reason
+
+
+def test_cancel_queued_and_running():
+    core = SchedulerCore(prefetch=0)
+    core.handle(NodeJoined("a", 1))
+    core.handle(JobSubmitted("run"))
+    core.handle(JobSubmitted("wait"))
+    assert core.handle(CancelRequested("wait")) == [ResolveJob("wait", JobState.CANCELLED, "cancelled before it started")]
+    assert core.handle(CancelRequested("run")) == [CancelOnNode("a", "run", 1)]
+    assert core.handle(JobReported("a", "run", 1)) == [DeliverResult("run", 1)]
+    assert core.handle(CancelRequested("run")) == []
+    core.validate()
+
+
+def test_pinned_jobs_go_only_to_their_node():
+    core = SchedulerCore(prefetch=0)
+    core.handle(NodeJoined("a", 1))
+    core.handle(NodeJoined("b", 1))
+    assert dispatched(core.handle(JobSubmitted("p1", node_id="b"))) == [("b", ("p1", 1))]
+    assert core.handle(JobSubmitted("p2", node_id="b")) == []
+    assert core.handle(JobSubmitted("x", node_id="zzz"))[0].state is JobState.ABANDONED
+    assert dispatched(core.handle(JobReported("b", "p1", 1)))[0] == ("b", ("p2", 1))
+    core.validate()
+
+
+def test_duplicate_submission_is_refused_and_state_unchanged():
+    core = SchedulerCore()
+    core.handle(JobSubmitted("j"))
+    with pytest.raises(ValueError):
+        core.handle(JobSubmitted("j"))
+    assert core.pending() == 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_simulation_every_job_resolved_exactly_once(seed):
+    """Random joins, losses, reports and cancels: every job ends exactly once."""
+    rng = random.Random(seed)
+    core = SchedulerCore(prefetch=rng.randint(0, 2), reentrant=rng.random() < 0.5)
+    inflight: dict[str, list[tuple[str, int]]] = {}
+    ended: dict[str, int] = {}
+    total, next_node = 300, 0
+    submitted = 0
+
+    def apply(actions):
+        for a in actions:
+            if isinstance(a, DispatchJobs):
+                inflight.setdefault(a.node_id, []).extend(a.jobs)
+            elif isinstance(a, (DeliverResult, ResolveJob)):
+                ended[a.job_id] = ended.get(a.job_id, 0) + 1
+
+    for _ in range(5000):
+        r = rng.random()
+        if r < 0.2 and submitted < total:
+            apply(core.handle(JobSubmitted(f"j{submitted}")))
+            submitted += 1
+        elif r < 0.25 or not core.nodes:
+            apply(core.handle(NodeJoined(f"n{next_node}", rng.randint(1, 4))))
+            next_node += 1
+        elif r < 0.28 and len(core.nodes) > 1:
+            victim = rng.choice(core.nodes)
+            apply(core.handle(NodeLost(victim, "sim")))
+            # A lost node may still deliver late reports: they must be discarded.
+            for job_id, attempt in inflight.pop(victim, [])[:2]:
+                apply(core.handle(JobReported(victim, job_id, attempt)))
+        elif r < 0.3 and submitted:
+            apply(core.handle(CancelRequested(f"j{rng.randrange(submitted)}")))
+        else:
+            busy = [n for n, js in inflight.items() if js and n in core.nodes]
+            if busy:
+                node = rng.choice(busy)
+                job_id, attempt = inflight[node].pop(rng.randrange(len(inflight[node])))
+                apply(core.handle(JobReported(node, job_id, attempt)))
+        core.validate()
+        if submitted == total and core.pending() == 0:
+            break
+    # Drain: report everything still in flight on live nodes.
+    while core.pending():
+        if not core.nodes:
+            apply(core.handle(NodeJoined(f"n{next_node}", 2)))
+            next_node += 1
+        for node in list(inflight):
+            for job_id, attempt in inflight.pop(node):
+                apply(core.handle(JobReported(node, job_id, attempt)))
+        core.validate()
+    assert submitted == total
+    assert ended == {f"j{i}": 1 for i in range(total)}
