@@ -120,17 +120,67 @@ class _NodeLink:
         self.cpu_time = 0.0
         self.pending_submit: list[m.JobRequest] = []
         self.error: BaseException | None = None
+        self.last_heard = 0.0
+        self.lost_reason: str | None = None
 
     @property
     def name(self) -> str:
         return f"{self.host}:{self.port}"
 
     async def run(self) -> None:
+        """Connect, deploy, serve; after a loss, reconnect (the node may come back, or be
+        restarted as a new incarnation) until the cluster closes or the node refuses us."""
         rt = self.runtime
-        delay = 0.2
+        while not rt.closing:
+            conn = await self._connect()
+            if conn is None:
+                return
+            self.conn = conn
+            self.node_id = conn.peer_info.get("node_id", self.name)
+            self.hostname = conn.peer_info.get("hostname", self.host)
+            peer = conn.peername
+            self.ip_addr = peer[0] if peer else self.host
+            self.cpus = max(1, int(conn.peer_info.get("cpus", "1")))
+            try:
+                await self._deploy(conn)
+            except ClusterError as exc:
+                await conn.aclose()
+                if isinstance(exc, (ConnectionClosedError, ProtocolError)):
+                    await asyncio.sleep(rt.reconnect_delay)
+                    continue
+                self.error = exc  # the node refused the computation: retrying cannot help
+                log.error("node %s: %s", self.name, exc)
+                rt.link_failed(self, exc)
+                return
+            except OSError:
+                await conn.aclose()
+                await asyncio.sleep(rt.reconnect_delay)
+                continue
+            self.joined = True
+            self.last_heard = time.monotonic()
+            rt.node_joined(self)
+            reason = "connection closed"
+            try:
+                while True:
+                    payload = await conn.recv()
+                    self.last_heard = time.monotonic()
+                    rt.on_message(self, codec.decode(payload))
+            except ConnectionClosedError:
+                reason = self.lost_reason or "connection closed by the node"
+            except (ProtocolError, OSError) as exc:
+                reason = str(exc) or type(exc).__name__
+            finally:
+                await conn.aclose()
+                rt.link_lost(self, reason)
+                self.lost_reason = None
+            await asyncio.sleep(rt.reconnect_delay)
+
+    async def _connect(self) -> Connection | None:
+        rt = self.runtime
+        delay = rt.reconnect_delay
         while not rt.closing:
             try:
-                self.conn = await connect(
+                return await connect(
                     self.host, self.port, secret=rt.secret, role="client", info=local_info(),
                     expected_peer_roles=frozenset({"node"}), handshake_timeout=rt.connect_timeout,
                 )
@@ -138,40 +188,19 @@ class _NodeLink:
                 self.error = exc
                 log.error("node %s refused us and will not be retried: %s", self.name, exc)
                 rt.link_failed(self, exc)
-                return
+                return None
             except (ClusterError, OSError, asyncio.TimeoutError) as exc:
                 self.error = exc
                 log.debug("node %s not reachable yet: %s", self.name, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-                continue
-            break
-        if rt.closing or self.conn is None:
-            return
-        conn = self.conn
-        self.node_id = conn.peer_info.get("node_id", self.name)
-        self.hostname = conn.peer_info.get("hostname", self.host)
-        peer = conn.peername
-        self.ip_addr = peer[0] if peer else self.host
-        self.cpus = max(1, int(conn.peer_info.get("cpus", "1")))
-        reason = "connection closed"
-        try:
-            await self._deploy(conn)
-            self.joined = True
-            rt.node_joined(self)
-            while True:
-                rt.on_message(self, codec.decode(await conn.recv()))
-        except ConnectionClosedError:
-            reason = "connection closed by the node"
-        except (ProtocolError, OSError) as exc:
-            reason = str(exc) or type(exc).__name__
-        except ClusterError as exc:  # deployment refused
-            reason = str(exc)
-            self.error = exc
-            log.error("node %s: %s", self.name, exc)
-        finally:
-            await conn.aclose()
-            rt.link_lost(self, reason)
+        return None
+
+    def declare_lost(self, reason: str) -> None:
+        """Drop the connection (the read loop then reports the node lost)."""
+        if self.conn is not None and not self.conn.closed:
+            self.lost_reason = reason
+            self.conn.close()
 
     async def _deploy(self, conn: Connection) -> None:
         rt = self.runtime
@@ -215,6 +244,9 @@ class _Runtime:
         self.cluster = cluster
         self.secret = cluster._secret
         self.connect_timeout = cluster.connect_timeout
+        self.pulse_interval = cluster.pulse_interval
+        self.node_timeout = cluster.node_timeout
+        self.reconnect_delay = min(1.0, cluster.pulse_interval)
         self.chunk_size = 1 << 20
         self.comp_id = cluster._comp_id
         self.deploy_message = cluster._deploy_message
@@ -250,6 +282,24 @@ class _Runtime:
             addresses = [*addresses, ("127.0.0.1", self.local_node.port)]
         for host, port in addresses:
             self.add_link(host, port)
+        self.spawn(self._pulse())
+
+    async def _pulse(self) -> None:
+        """Ping every node each pulse; a node silent past node_timeout is lost.
+
+        A slow node still answers (its event loop never runs jobs), so only a dead, stopped
+        or unreachable node misses pulses."""
+        while True:
+            await asyncio.sleep(self.pulse_interval)
+            now = time.monotonic()
+            for link in list(self.by_node.values()):
+                silent = now - link.last_heard
+                if silent > self.node_timeout:
+                    log.warning("node %s silent for %.1fs (limit %.1fs): declaring it lost",
+                                link.name, silent, self.node_timeout)
+                    link.declare_lost(f"no pulse for {silent:.1f}s")
+                else:
+                    link.send(m.Ping(time.time()))
 
     def add_link(self, host: str, port: int) -> _NodeLink:
         link = _NodeLink(self, host, port)
@@ -297,6 +347,7 @@ class _Runtime:
         self.idle.clear()
         node_id = None if node is None else (self._find_node(node) or node)
         self.execute(self.core.handle(JobSubmitted(job._key, node_id=node_id)))
+        self._check_all_failed()
 
     def _find_node(self, node: str) -> str | None:
         for link in self.links:
@@ -362,8 +413,11 @@ class _Runtime:
 
     def _on_done(self, link: _NodeLink, msg: m.JobDone) -> None:
         assert link.node_id is not None
-        actions = self.core.handle(JobReported(link.node_id, msg.job_id, msg.attempt))
+        actions = self.core.handle(JobReported(link.node_id, msg.job_id, msg.attempt,
+                                               worker_died=msg.status == "died"))
         if not actions or not isinstance(actions[0], DeliverResult):
+            if msg.status == "died" and msg.job_id in self.jobs:
+                log.warning("job %s killed its worker on %s; trying it again", msg.job_id, link.name)
             log.debug("discarded a late report of job %s attempt %d from %s", msg.job_id, msg.attempt, link.name)
             self.execute(actions)
             return
@@ -470,6 +524,10 @@ class JobCluster:
         local: start a private node on 127.0.0.1 with ``local_cpus`` (default all) CPUs.
         reentrant: resubmit the jobs of a lost node elsewhere (they must be idempotent).
         timeout: default per-job time limit in seconds (``submit(..., timeout=)`` overrides).
+        allowed_failures: a reentrant job lost with this many nodes (or workers) is failed
+            instead of being tried again.
+        pulse_interval: seconds between pings to each node.
+        node_timeout: a node silent this long is declared lost (default 5 pulses, at least 3 s).
         prefetch: jobs sent ahead per CPU to hide the network round trip.
 
     Raises:
@@ -498,6 +556,8 @@ class JobCluster:
         prefetch: int = 1,
         keep_files: bool = False,
         connect_timeout: float = 10.0,
+        pulse_interval: float = 2.0,
+        node_timeout: float | None = None,
         loglevel: int | str | None = None,
     ) -> None:
         if loglevel is not None:
@@ -513,6 +573,10 @@ class JobCluster:
         self.default_timeout = timeout
         self.prefetch = prefetch
         self.connect_timeout = connect_timeout
+        if pulse_interval <= 0:
+            raise ConfigurationError("pulse_interval must be positive")
+        self.pulse_interval = pulse_interval
+        self.node_timeout = node_timeout if node_timeout is not None else max(5 * pulse_interval, 3.0)
         self.local_cpus = local_cpus
         self._comp_id = f"c{uuid.uuid4().hex}"
         self._closed = False

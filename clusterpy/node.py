@@ -3,10 +3,11 @@
 Data flow inside one node::
 
     TCP (authenticated Connection, one per client)
-        -> _ClientSession: decode message, act
+        -> ClientSession (node_session.py): decode message, act
             DeployComputation / FileChunk -> FileStore (content-addressed cache, per-computation dir)
             SubmitJobs -> node-wide FIFO run queue (a slot per CPU)
-                -> WorkerPool.run (persistent worker processes) -> JobDone back to that client
+                -> WorkerPool.run (persistent worker processes) -> JobDone to the owning client,
+                   or kept on disk while that client is away (crash recovery, partitions)
             CancelJob / timeout -> WorkerPool.terminate
 
 The node never unpickles user data: job arguments and results are opaque bytes passed between
@@ -21,30 +22,27 @@ import asyncio
 import collections
 import logging
 import os
+import shutil
 import signal
-import socket
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .errors import ClusterError, ConnectionClosedError, DependencyError, ProtocolError
-from .filestore import FileStore, validate_name
+from .errors import ClusterError, ProtocolError
+from .filestore import FileStore
 from .identity import DEFAULT_NODE_PORT, local_info
-from .pool import ComputationSpec, JobOutcome, WorkerJob, WorkerPool
-from .protocol import codec
+from .node_session import ClientSession, Computation, QueuedJob, job_done_message
+from .pool import JobOutcome, WorkerJob, WorkerPool
 from .protocol import messages as m
 from .protocol.framing import DEFAULT_MAX_FRAME
 from .secret import load_secret
-from .transport.stream import Connection, accept
+from .transport.stream import accept
 
 __all__ = ["NodeServer", "main"]
 
 log = logging.getLogger("clusterpy.node")
-
-CHUNK = 1 << 20
 
 
 def default_dest_path() -> Path:
@@ -52,32 +50,18 @@ def default_dest_path() -> Path:
     return Path(base) / "clusterpy" / "node"
 
 
-@dataclass(eq=False)
-class _QueuedJob:
-    session: "_ClientSession"
-    comp_id: str
-    request: m.JobRequest
-    key: str  # unique on this node: comp_id/job_id/attempt
-    cancelled: bool = False
-    timed_out: bool = False
-    task: asyncio.Task[None] | None = None
-
-
-@dataclass
-class _Computation:
-    comp_id: str
-    deploy: m.DeployComputation
-    workdir: Path
-    incoming: dict[str, object] = field(default_factory=dict)  # sha256 -> IncomingFile
-    ready: bool = False
-    jobs: dict[str, _QueuedJob] = field(default_factory=dict)  # key -> job
-
-
 class NodeServer:
     """A node: listens, authenticates clients, runs their jobs in a worker pool.
 
     Use ``async with NodeServer(...) as node`` or ``await start()`` / ``await aclose()``.
     ``node.port`` is the bound port (useful with ``port=0``).
+
+    Args:
+        zombie_interval: a client silent this long (no pulse) is treated as gone.
+        result_lease: how long a gone client's computation, its running jobs and kept results
+            stay on the node for it to come back (``recover_jobs``); then they are removed.
+        max_kept_bytes: disk budget for results kept for gone clients; past it a result is
+            replaced by a small "dropped" report.
     """
 
     def __init__(
@@ -92,37 +76,50 @@ class NodeServer:
         max_frame: int = DEFAULT_MAX_FRAME,
         handshake_timeout: float = 10.0,
         max_pending_handshakes: int = 64,
+        zombie_interval: float = 60.0,
+        result_lease: float = 3600.0,
+        max_kept_bytes: int = 1 << 30,
     ) -> None:
         self.secret = secret
         self.host = host
         self.port = port
         self.cpus = cpus or os.cpu_count() or 1
         self.dest_path = Path(dest_path) if dest_path else default_dest_path()
+        self.kept_dir = self.dest_path / ".kept"
         self.keep_files = keep_files
         self.max_frame = max_frame
         self.handshake_timeout = handshake_timeout
         self.max_pending_handshakes = max_pending_handshakes
+        self.zombie_interval = zombie_interval
+        self.result_lease = result_lease
+        self.max_kept_bytes = max_kept_bytes
         self.node_id = uuid.uuid4().hex  # a new incarnation each start
+        self.started_at = time.time()
         self.store: FileStore | None = None
         self.pool = WorkerPool(self.cpus)
+        self.comps: dict[str, Computation] = {}
         self._server: asyncio.base_events.Server | None = None
-        self._sessions: set[_ClientSession] = set()
+        self._sessions: set[ClientSession] = set()
         self._handshaking = 0
-        self._run_queue: collections.deque[_QueuedJob] = collections.deque()
+        self._run_queue: collections.deque[QueuedJob] = collections.deque()
         self._slots = self.cpus
         self._tasks: set[asyncio.Task[object]] = set()
         self._closed = asyncio.Event()
         self.jobs_done = 0
+        self.clients_served = 0
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         self.dest_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.rmtree(self.kept_dir, ignore_errors=True)  # a previous incarnation's: nobody can claim them
+        self.kept_dir.mkdir(mode=0o700)
         self.store = FileStore(self.dest_path)
         await self.pool.start()
         self._server = await asyncio.start_server(self._on_connect, self.host, self.port, reuse_address=True)
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
+        self._spawn(self._watch_zombies())
         log.info(
             "clusterpy-node %s listening on %s:%d with %d CPUs (node id %s, files in %s)",
             __version__, self.host, self.port, self.cpus, self.node_id[:12], self.dest_path,
@@ -136,6 +133,8 @@ class NodeServer:
             self._server.close()
         for session in list(self._sessions):
             await session.aclose("node shutting down")
+        for comp in list(self.comps.values()):
+            await self.close_computation(comp, keep_files=comp.deploy.keep_files)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -143,6 +142,7 @@ class NodeServer:
         await self.pool.aclose()
         if self._server is not None:
             await self._server.wait_closed()
+        shutil.rmtree(self.kept_dir, ignore_errors=True)
         log.info("clusterpy-node on %s:%d stopped", self.host, self.port)
 
     async def __aenter__(self) -> "NodeServer":
@@ -188,17 +188,76 @@ class NodeServer:
             return
         finally:
             self._handshaking -= 1
-        session = _ClientSession(self, conn)
+        session = ClientSession(self, conn)
         self._sessions.add(session)
         log.info("client %s (%s) connected", conn.peer_info.get("hostname", "?"), peer)
         try:
             await session.serve()
         finally:
             self._sessions.discard(session)
+            self.clients_served += 1
+
+    def handle_other(self, session: ClientSession, msg: object) -> None:
+        """Messages that are about the node rather than a computation."""
+        raise ProtocolError(f"unexpected message from a client: {type(msg).__name__}")
+
+    async def _watch_zombies(self) -> None:
+        """A client that stops pulsing is gone, even if its TCP connection looks open."""
+        period = max(0.05, min(self.zombie_interval / 4, 5.0))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for session in list(self._sessions):
+                if now - session.last_heard > self.zombie_interval:
+                    log.warning("client %s silent for %.1fs: treating it as gone", session.conn.peername,
+                                now - session.last_heard)
+                    session.conn.close()
+
+    # ---------------------------------------------------------------- computations
+
+    def orphan(self, comp: Computation) -> None:
+        """Its client is gone: jobs go on, results are kept until the lease ends."""
+        if comp.owner is None:
+            return
+        comp.owner = None
+        if not comp.ready:
+            self._spawn(self.close_computation(comp, keep_files=False))
+            return
+        log.info("computation %s has no client: keeping it %.0fs for its return", comp.comp_id, self.result_lease)
+        loop = asyncio.get_running_loop()
+        comp.lease = loop.call_later(self.result_lease, self._lease_ended, comp)
+
+    def _lease_ended(self, comp: Computation) -> None:
+        if comp.owner is None and self.comps.get(comp.comp_id) is comp:
+            log.info("lease of computation %s ended: removing its jobs, results and files", comp.comp_id)
+            self._spawn(self.close_computation(comp, keep_files=comp.deploy.keep_files))
+
+    async def close_computation(self, comp: Computation, *, keep_files: bool) -> None:
+        if self.comps.get(comp.comp_id) is not comp:
+            return
+        del self.comps[comp.comp_id]
+        if comp.lease is not None:
+            comp.lease.cancel()
+        if comp.owner is not None:
+            comp.owner.comps.pop(comp.comp_id, None)
+            comp.owner = None
+        for job in list(comp.jobs.values()):
+            await self.cancel(job)
+        running = [j.task for j in comp.jobs.values() if j.task is not None]
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+        for incoming in comp.incoming.values():
+            incoming.abort()  # type: ignore[attr-defined]
+        comp.drop_kept()
+        if comp.ready:
+            await self.pool.remove_computation(comp.comp_id)
+        if not (keep_files or self.keep_files) and self.store is not None:
+            self.store.remove_computation(comp.comp_id)
+        log.info("computation %s closed", comp.comp_id)
 
     # ---------------------------------------------------------------- run queue
 
-    def enqueue(self, job: _QueuedJob) -> None:
+    def enqueue(self, job: QueuedJob) -> None:
         self._run_queue.append(job)
         self._pump()
 
@@ -210,28 +269,28 @@ class NodeServer:
             self._slots -= 1
             job.task = self._spawn(self._run(job))  # type: ignore[assignment]
 
-    async def _run(self, job: _QueuedJob) -> None:
-        session, req = job.session, job.request
+    async def _run(self, job: QueuedJob) -> None:
+        req = job.request
         timer = None
         try:
-            session.started(job)
+            if job.comp.owner is not None:
+                job.comp.owner.started(job)
             if req.timeout is not None and req.timeout > 0:
-                loop = asyncio.get_running_loop()
-                timer = loop.call_later(req.timeout, self._time_out, job)
-            outcome = await self.pool.run(WorkerJob(job.key, job.comp_id, req.args))
+                timer = asyncio.get_running_loop().call_later(req.timeout, self._time_out, job)
+            outcome = await self.pool.run(WorkerJob(job.key, job.comp.comp_id, req.args))
         finally:
             if timer is not None:
                 timer.cancel()
             self._slots += 1
             self._pump()
         self.jobs_done += 1
-        await session.finished(job, outcome)
+        await self._report(job, outcome)
 
-    def _time_out(self, job: _QueuedJob) -> None:
+    def _time_out(self, job: QueuedJob) -> None:
         job.timed_out = True
         self._spawn(self.pool.terminate(job.key))
 
-    async def cancel(self, job: _QueuedJob) -> None:
+    async def cancel(self, job: QueuedJob) -> None:
         """Cancel a queued job at once, or terminate the worker running it."""
         job.cancelled = True
         if job.task is None:
@@ -240,215 +299,32 @@ class NodeServer:
             except ValueError:
                 pass
             now = time.time()
-            await job.session.finished(job, JobOutcome(
+            await self._report(job, JobOutcome(
                 job.key, "cancelled", None, None, None, None, None, b"", b"", now, now, 0.0, None))
         else:
             await self.pool.terminate(job.key)
 
-
-class _ClientSession:
-    """One authenticated client connection and the computations it deployed."""
-
-    def __init__(self, node: NodeServer, conn: Connection) -> None:
-        self.node = node
-        self.conn = conn
-        self.comps: dict[str, _Computation] = {}
-        self._started: list[tuple[str, m.JobStart]] = []
-        self._closing = False
-
-    def send(self, message: object) -> None:
-        if not self.conn.closed:
-            self.conn.send(codec.encode(message))
-
-    async def serve(self) -> None:
-        try:
-            while True:
-                payload = await self.conn.recv()
-                message = codec.decode(payload)
-                await self._handle(message)
-        except ConnectionClosedError:
-            reason = "client disconnected"
-        except ProtocolError as exc:
-            log.warning("closing connection from %s: %s", self.conn.peername, exc)
-            reason = f"protocol error: {exc}"
-        except OSError as exc:
-            reason = f"connection error: {exc}"
-        await self.aclose(reason)
-
-    async def aclose(self, reason: str) -> None:
-        if self._closing:
+    async def _report(self, job: QueuedJob, outcome: JobOutcome) -> None:
+        comp = job.comp
+        comp.jobs.pop(job.key, None)
+        if self.comps.get(comp.comp_id) is not comp:
+            return  # the computation was closed: nobody wants this result
+        message = job_done_message(job, outcome)
+        owner = comp.owner
+        if owner is not None and not owner.conn.closed:
+            owner.deliver(message)
+            try:
+                await owner.conn.drain()
+            except (ClusterError, OSError):
+                pass
             return
-        self._closing = True
-        log.info("session with %s ends: %s", self.conn.peername, reason)
-        for comp in list(self.comps.values()):
-            await self._close_computation(comp, keep_files=comp.deploy.keep_files)
-        await self.conn.aclose()
-
-    async def _handle(self, msg: object) -> None:
-        if isinstance(msg, m.SubmitJobs):
-            comp = self._comp(msg.comp_id)
-            if comp is None or not comp.ready:
-                raise ProtocolError(f"jobs for computation {msg.comp_id!r} that is not ready")
-            for req in msg.jobs:
-                key = f"{comp.comp_id}/{req.job_id}/{req.attempt}"
-                job = _QueuedJob(self, comp.comp_id, req, key)
-                comp.jobs[key] = job
-                self.node.enqueue(job)
-        elif isinstance(msg, m.FileChunk):
-            self._on_chunk(msg)
-        elif isinstance(msg, m.DeployComputation):
-            self._on_deploy(msg)
-        elif isinstance(msg, m.CancelJob):
-            comp = self._comp(msg.comp_id)
-            job = comp.jobs.get(f"{msg.comp_id}/{msg.job_id}/{msg.attempt}") if comp else None
-            if job is not None:
-                await self.node.cancel(job)
-        elif isinstance(msg, m.CloseComputation):
-            comp = self._comp(msg.comp_id)
-            if comp is not None:
-                await self._close_computation(comp, keep_files=msg.keep_files or comp.deploy.keep_files)
-        elif isinstance(msg, m.Ping):
-            self.send(m.Pong(msg.sent))
-        elif isinstance(msg, m.Pong):
-            pass
-        else:
-            raise ProtocolError(f"unexpected message from a client: {type(msg).__name__}")
-        await self.conn.drain()
-
-    def _comp(self, comp_id: str) -> _Computation | None:
-        return self.comps.get(comp_id)
-
-    # ---------------------------------------------------------------- deployment
-
-    def _on_deploy(self, msg: m.DeployComputation) -> None:
-        assert self.node.store is not None
-        store = self.node.store
-        if msg.comp_id in self.comps:
-            raise ProtocolError(f"computation {msg.comp_id!r} deployed twice")
-        try:
-            if msg.kind not in ("function", "program"):
-                raise DependencyError(f"unknown computation kind {msg.kind!r}")
-            for f in msg.files:
-                validate_name(f.name)
-            workdir = store.create_computation_dir(msg.comp_id)
-        except DependencyError as exc:
-            log.warning("refused computation %r from %s: %s", msg.comp_id, self.conn.peername, exc)
-            self.send(m.ComputationFailed(msg.comp_id, str(exc)))
-            return
-        comp = _Computation(msg.comp_id, msg, workdir)
-        self.comps[msg.comp_id] = comp
-        missing = sorted({f.sha256 for f in msg.files if not store.has(f.sha256)})
-        try:
-            for f in msg.files:
-                if f.sha256 in missing and f.sha256 not in comp.incoming:
-                    comp.incoming[f.sha256] = store.begin(f.sha256, f.size)
-        except DependencyError as exc:
-            self._fail(comp, str(exc))
-            return
-        self.send(m.FilesNeeded(msg.comp_id, tuple(missing)))
-        if not missing:
-            self._finish_deploy(comp)
-
-    def _on_chunk(self, msg: m.FileChunk) -> None:
-        comp = self._comp(msg.comp_id)
-        if comp is None or comp.ready:
-            raise ProtocolError(f"file data for computation {msg.comp_id!r} that is not being deployed")
-        incoming = comp.incoming.get(msg.sha256)
-        if incoming is None:
-            raise ProtocolError(f"file data for {msg.sha256[:12]} that was not asked for")
-        try:
-            incoming.write(msg.data)  # type: ignore[attr-defined]
-            if msg.last:
-                incoming.finish()  # type: ignore[attr-defined]
-                del comp.incoming[msg.sha256]
-                if not comp.incoming:
-                    self._finish_deploy(comp)
-        except DependencyError as exc:
-            self._fail(comp, str(exc))
-
-    def _finish_deploy(self, comp: _Computation) -> None:
-        assert self.node.store is not None
-        msg = comp.deploy
-        try:
-            for f in msg.files:
-                self.node.store.place(comp.workdir, f.name, f.sha256, f.mode)
-            program = None
-            if msg.kind == "program":
-                if not msg.program:
-                    raise DependencyError("a program computation needs a program")
-                program = [str(comp.workdir / validate_name(msg.program[0])), *msg.program[1:]]
-                if program[0].endswith(".py"):
-                    program.insert(0, sys.executable)
-            spec = ComputationSpec(msg.comp_id, msg.kind, str(comp.workdir), msg.bundle, program)
-        except DependencyError as exc:
-            self._fail(comp, str(exc))
-            return
-        self.node.pool.add_computation(spec)
-        comp.ready = True
-        log.info("computation %s ready (%d files)", comp.comp_id, len(msg.files))
-        self.send(m.ComputationReady(comp.comp_id))
-
-    def _fail(self, comp: _Computation, reason: str) -> None:
-        log.warning("computation %s from %s failed: %s", comp.comp_id, self.conn.peername, reason)
-        for incoming in comp.incoming.values():
-            incoming.abort()  # type: ignore[attr-defined]
-        comp.incoming.clear()
-        self.comps.pop(comp.comp_id, None)
-        if self.node.store is not None:
-            self.node.store.remove_computation(comp.comp_id)
-        self.send(m.ComputationFailed(comp.comp_id, reason))
-
-    async def _close_computation(self, comp: _Computation, *, keep_files: bool) -> None:
-        self.comps.pop(comp.comp_id, None)
-        for job in list(comp.jobs.values()):
-            await self.node.cancel(job)
-        running = [j.task for j in comp.jobs.values() if j.task is not None]
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
-        for incoming in comp.incoming.values():
-            incoming.abort()  # type: ignore[attr-defined]
-        if comp.ready:
-            await self.node.pool.remove_computation(comp.comp_id)
-        if not (keep_files or self.node.keep_files) and self.node.store is not None:
-            self.node.store.remove_computation(comp.comp_id)
-        log.info("computation %s closed", comp.comp_id)
-
-    # ---------------------------------------------------------------- job reports
-
-    def started(self, job: _QueuedJob) -> None:
-        if not self._started:
-            asyncio.get_running_loop().call_soon(self._flush_started)
-        self._started.append((job.comp_id, m.JobStart(job.request.job_id, job.request.attempt, time.time())))
-
-    def _flush_started(self) -> None:
-        by_comp: dict[str, list[m.JobStart]] = {}
-        for comp_id, start in self._started:
-            by_comp.setdefault(comp_id, []).append(start)
-        self._started.clear()
-        for comp_id, starts in by_comp.items():
-            self.send(m.JobsStarted(comp_id, tuple(starts)))
-
-    async def finished(self, job: _QueuedJob, o: JobOutcome) -> None:
-        comp = self.comps.get(job.comp_id)
-        if comp is not None:
-            comp.jobs.pop(job.key, None)
-        status = o.status
-        exc_message = o.exc_message
-        if job.timed_out and status == "terminated":
-            exc_message = f"the job ran longer than its timeout of {job.request.timeout:g}s and was terminated"
-        elif job.cancelled and status in ("terminated", "cancelled"):
-            status = "cancelled"
-        if self._started:
-            self._flush_started()  # Running must reach the client before Done
-        self.send(m.JobDone(
-            job.comp_id, job.request.job_id, job.request.attempt, status, o.result, o.exception,
-            o.exc_type, exc_message, o.traceback, o.stdout, o.stderr, o.start_time, o.end_time,
-            o.cpu_time, o.exit_code,
-        ))
-        try:
-            await self.conn.drain()
-        except (ConnectionClosedError, OSError):
-            pass
+        used = sum(c.kept_bytes for c in self.comps.values())
+        if used + len(message.result or b"") + len(message.stdout) + len(message.stderr) > self.max_kept_bytes:
+            log.warning("kept-results budget (%d bytes) full: dropping the result of job %s", self.max_kept_bytes, job.key)
+            message = m.JobDone(comp.comp_id, message.job_id, message.attempt, "exception", None, None,
+                                "ResultDropped", "the node's budget for kept results was full; the result was dropped",
+                                None, b"", b"", message.start_time, message.end_time, message.cpu_time, message.exit_code)
+        comp.keep(message)
 
 
 # -------------------------------------------------------------------- command line

@@ -164,7 +164,7 @@ class _Worker:
         self.loaded: dict[str, ComputationSpec] = {}
         self.job_id: str | None = None
         self.terminating = False
-        self._flush_timer: asyncio.TimerHandle | None = None
+        self._timers: list[asyncio.TimerHandle] = []
 
     def __repr__(self) -> str:
         return f"<worker {self.pid} job={self.job_id}>"
@@ -201,8 +201,9 @@ class _Worker:
     def _write(self, message: tuple[Any, ...]) -> None:
         assert self.transport is not None
         stdin = self.transport.get_pipe_transport(0)
+        assert isinstance(stdin, asyncio.WriteTransport)
         for part in encode_frame(message):
-            stdin.write(part)  # type: ignore[attr-defined]
+            stdin.write(part)
 
     # -- called from _WorkerProtocol ---------------------------------------------------
 
@@ -228,7 +229,7 @@ class _Worker:
 
     def on_channel_closed(self) -> None:
         # A worker closes its channel only by exiting; give it a moment to be seen exiting.
-        self.loop.call_later(1.0, self._kill_if_alive)
+        self._timers.append(self.loop.call_later(1.0, self._kill_if_alive))
 
     def _kill_if_alive(self) -> None:
         if self.returncode is None and not self.exited.done():
@@ -244,14 +245,14 @@ class _Worker:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        self._flush_timer = self.loop.call_later(EXIT_FLUSH_DELAY, self.finish)
+        self._timers.append(self.loop.call_later(EXIT_FLUSH_DELAY, self.finish))
 
     def finish(self) -> None:
         """The process exited and its pipes are closed (or the flush delay passed)."""
         if self.exited.done():
             return
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
+        for timer in self._timers:
+            timer.cancel()
         assert self.transport is not None
         if self.returncode is None:
             self.returncode = self.transport.get_returncode()

@@ -43,6 +43,7 @@ import os
 import pickle
 import sys
 import time
+from typing import Any
 
 __all__ = ["current_job_id", "encode_frame", "FrameDecoder", "read_capped", "OUTPUT_CAP", "main"]
 
@@ -172,7 +173,7 @@ class _Worker:
             while view:
                 view = view[os.write(self.chan_out, view):]
 
-    def receive(self) -> tuple[object, ...] | None:
+    def receive(self) -> tuple[Any, ...] | None:
         header = self._read_exact(_HEADER_LEN)
         if header is None:
             return None
@@ -281,6 +282,7 @@ class _Worker:
         """Run one job; return the fields of its JobOutcome. Never raises for the job's faults."""
         global current_job_id
         comp = self.comps.get(comp_id)
+        error: dict[str, object] | None
         if comp is None or comp.setup_error is not None:
             now = time.time()
             if comp is None:
@@ -288,14 +290,17 @@ class _Worker:
                 status, output = "exception", (b"", b"")
             else:
                 error, status, output = comp.setup_error, "setup_failed", comp.setup_output
-            return dict(job_id=job_id, status=status, result=None, **error,  # type: ignore[arg-type]
+            assert error is not None
+            return dict(job_id=job_id, status=status, result=None, **error,
                         stdout=output[0], stderr=output[1], start_time=now, end_time=now,
                         cpu_time=0.0, exit_code=None)
 
         if comp.workdir in sys.path:
             sys.path.remove(comp.workdir)
         sys.path.insert(0, comp.workdir)
-        status, result, error, exit_code = "finished", None, None, None
+        status, exit_code = "finished", None
+        result: bytes | None = None
+        error = None
         with _Capture(self.capture, self.devnull) as capture, _Environ(comp.env), _Cwd(comp.workdir, self.home):
             current_job_id = job_id
             start, cpu_start = time.time(), _cpu_seconds()
@@ -327,6 +332,7 @@ class _Worker:
     # -- helpers -----------------------------------------------------------------------
 
     def _pickle_result(self, value: object) -> tuple[bytes | None, dict[str, object] | None]:
+        cause: BaseException | None
         try:
             blob = self.cloudpickle.dumps(value)
         except BaseException as exc:  # noqa: BLE001
@@ -355,6 +361,7 @@ class _Worker:
             message = str(exc)
         except BaseException:  # noqa: BLE001 -- a broken __str__ must not kill the worker
             message = f"<unprintable {type(exc).__name__}>"
+        blob: bytes | None
         try:
             blob = self.cloudpickle.dumps(exc)
             if len(blob) > MAX_EXCEPTION:
@@ -504,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr] -- prints reach the file before a crash
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # prints reach the file before a crash
     import faulthandler
 
     faulthandler.enable()  # writes to fd 2, i.e. the running job's stderr file

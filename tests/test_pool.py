@@ -153,6 +153,13 @@ def job_context():
     return clusterpy.worker.current_job_id, os.getcwd(), os.environ.get("POOL_TEST_VAR"), sys.path[0]
 
 
+def exit_soon_after_the_job():
+    import threading
+
+    threading.Timer(0.2, os._exit, (4,)).start()
+    return os.getpid()
+
+
 def counting_setup(path):
     global _setup_state
     _setup_state = {"pid": os.getpid(), "calls": 0}
@@ -400,6 +407,14 @@ async def test_dead_worker_fails_only_its_job(pool, tmp_path, how, code):
     assert len(before - set(pool.pids)) == 1
     outcomes = await asyncio.gather(*(pool.run(job("no")) for _ in range(4)))
     assert [result(o) for o in outcomes] == ["survived"] * 4
+
+
+async def test_worker_dying_while_idle_is_replaced(pool, tmp_path):
+    pool.add_computation(function_spec(tmp_path, exit_soon_after_the_job))
+    pid = result(await pool.run(job()))
+    await eventually(lambda: pid not in pool.pids and len(pool.pids) == 2)
+    outcomes = await asyncio.gather(*(pool.run(job()) for _ in range(2)))
+    assert all(o.status == "finished" for o in outcomes)
 
 
 async def test_terminate_long_job(pool, tmp_path):

@@ -178,3 +178,25 @@ def test_simulation_every_job_resolved_exactly_once(seed):
         core.validate()
     assert submitted == total
     assert ended == {f"j{i}": 1 for i in range(total)}
+
+
+def test_worker_death_retries_reentrant_job_until_allowed_failures():
+    core = SchedulerCore(prefetch=0, reentrant=True, allowed_failures=3)
+    core.handle(NodeJoined("a", 1))
+    core.handle(NodeJoined("b", 1))
+    core.handle(JobSubmitted("poison"))
+    for attempt in (1, 2):
+        node = core.node_of("poison")
+        actions = core.handle(JobReported(node, "poison", attempt, worker_died=True))
+        assert dispatched(actions) and dispatched(actions)[0][1] == ("poison", attempt + 1)
+        core.validate()
+    node = core.node_of("poison")
+    assert core.handle(JobReported(node, "poison", 3, worker_died=True)) == [DeliverResult("poison", 3)]
+    core.validate()
+
+
+def test_worker_death_fails_at_once_when_not_reentrant():
+    core = SchedulerCore(prefetch=0, reentrant=False)
+    core.handle(NodeJoined("a", 1))
+    core.handle(JobSubmitted("j"))
+    assert core.handle(JobReported("a", "j", 1, worker_died=True)) == [DeliverResult("j", 1)]

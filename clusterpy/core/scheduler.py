@@ -97,11 +97,16 @@ class JobsStarted:
 
 @dataclass(frozen=True, slots=True)
 class JobReported:
-    """A node reported the end of one attempt of a job (result, exception, or worker death)."""
+    """A node reported the end of one attempt of a job (result, exception, or worker death).
+
+    ``worker_died``: the worker process died running it. A reentrant job is then tried again
+    (preferably elsewhere) until it has failed ``allowed_failures`` times.
+    """
 
     node_id: str
     job_id: str
     attempt: int
+    worker_died: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,11 +274,32 @@ class SchedulerCore:
         if job.state not in (JobState.SENT, JobState.RUNNING):
             return []
         node = self._nodes.get(ev.node_id)
+        if ev.worker_died and not job.cancel_requested:
+            job.failures += 1
+            if job.reentrant and job.pinned is None and job.failures < self.allowed_failures:
+                if node is not None:
+                    node.inflight.pop(job.job_id, None)
+                job.node_id = None
+                self._move(job, JobState.QUEUED)
+                self._queue.appendleft(job.job_id)
+                actions = self._place_queued()
+                if node is not None:
+                    actions.extend(self._fill(node))
+                return actions
         self._finish(job, JobState.DONE)
-        actions: list[Action] = [DeliverResult(job.job_id, ev.attempt)]
+        actions = [DeliverResult(job.job_id, ev.attempt)]
         if node is not None:
             node.jobs_done += 1
             actions.extend(self._fill(node))
+        return actions
+
+    def _place_queued(self) -> list[Action]:
+        """Hand queued jobs to nodes with room, preferring nodes other than the caller's."""
+        actions: list[Action] = []
+        while self._queue and self._free:
+            node_id = self._free.popleft()
+            self._in_free.discard(node_id)
+            actions.extend(self._fill(self._nodes[node_id]))
         return actions
 
     def _on_node_joined(self, ev: NodeJoined) -> list[Action]:
@@ -314,11 +340,7 @@ class SchedulerCore:
             actions.append(ResolveJob(job_id, JobState.ABANDONED, f"node {ev.node_id} it was submitted to was lost"))
         node.inflight.clear()
         self._queue.extendleft(reversed(requeue))  # they waited long enough: run them next, in order
-        # Moved jobs go to the nodes that have room.
-        while self._queue and self._free:
-            node_id = self._free.popleft()
-            self._in_free.discard(node_id)
-            actions.extend(self._fill(self._nodes[node_id]))
+        actions.extend(self._place_queued())  # moved jobs go to the nodes that have room
         return actions
 
     def _on_cancel(self, ev: CancelRequested) -> list[Action]:

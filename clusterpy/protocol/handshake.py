@@ -55,14 +55,8 @@ from typing import ClassVar, NoReturn
 from ..errors import AuthenticationError, ProtocolError, VersionMismatchError
 from .framing import PREAUTH_MAX_FRAME
 
-__all__ = [
-    "PROTOCOL",
-    "ALGORITHM",
-    "NONCE_SIZE",
-    "HandshakeStateError",
-    "ClientHandshake",
-    "ServerHandshake",
-]
+__all__ = ["PROTOCOL", "ALGORITHM", "NONCE_SIZE", "HandshakeStateError", "ClientHandshake",
+           "ServerHandshake"]
 
 PROTOCOL = "clusterpy/1"
 ALGORITHM = "hmac-sha256"
@@ -104,9 +98,12 @@ class _State(enum.Enum):
 
 
 class _Reject(Exception):
-    """Internal: a handler's failure, with the reason to tell the peer (None: tell nothing)."""
+    """Internal: a failure whose reason for the peer differs from the local message.
 
-    def __init__(self, error: ProtocolError, reason: str | None) -> None:
+    (Handlers may also raise a plain ProtocolError: its message is then the reason.)
+    """
+
+    def __init__(self, error: ProtocolError, reason: str) -> None:
         super().__init__(str(error))
         self.error = error
         self.reason = reason
@@ -382,23 +379,31 @@ class _Handshake:
                 f"{type(self).__name__}.{call}() is not allowed in state {self.state!r}"
             ) from None
 
-    def _run(self, body: bytes, handler: Callable[[bytes], bytes | None]) -> bytes | None:
-        """Apply one received message: advance on success, fail (and raise) otherwise."""
+    def _run(
+        self, body: bytes, handler: Callable[[bytes], bytes | None], *, answer: bool = True
+    ) -> bytes | None:
+        """Apply one received message: advance on success, fail (and raise) otherwise.
+
+        ``answer=False``: the peer no longer listens, so failures produce no refusal.
+        """
         next_state = self._next_state("receive")
         body = bytes(body)
         try:
             if len(body) > PREAUTH_MAX_FRAME:
-                raise _Reject(
-                    ProtocolError(f"handshake message of {len(body)} bytes is over the "
-                                  f"{PREAUTH_MAX_FRAME}-byte limit"), "handshake message too large")
+                raise ProtocolError(f"handshake message of {len(body)} bytes is over the "
+                                    f"{PREAUTH_MAX_FRAME}-byte limit")
             refused = _parse_refusal(body)
             if refused is not None:
                 self.refusal_reason = refused[1]
-                raise _Reject(refused[0], None)  # never answer a refusal with a refusal
+                answer = False  # never answer a refusal with a refusal
+                raise refused[0]
             out = handler(body)
         except _Reject as rej:
-            self._set_failed(rej.error, rej.reason)
+            self._set_failed(rej.error, rej.reason if answer else None)
             raise rej.error from None
+        except ProtocolError as exc:
+            self._set_failed(exc, str(exc) if answer else None)
+            raise
         self._state = next_state
         return out
 
@@ -424,19 +429,12 @@ class _Handshake:
         return self.refusal
 
     @staticmethod
-    def _split(body: bytes, what: str) -> tuple[bytes, bytes]:
-        if len(body) <= _MAC_SIZE:
-            raise _Reject(ProtocolError(f"{what} message is too short"), f"malformed {what}")
-        return body[:-_MAC_SIZE], body[-_MAC_SIZE:]
-
-    def _parse_exact(self, raw: bytes, expected: Mapping[str, str], what: str) -> None:
-        try:
-            obj = _loads(raw)
-        except ProtocolError as exc:
-            raise _Reject(exc, f"malformed {what}") from None
-        if obj != expected:
-            raise _Reject(ProtocolError(f"expected a {what} message, got {_short(obj)}"),
-                          f"malformed {what}")
+    def _split(body: bytes, kind: str) -> tuple[bytes, bytes]:
+        """Split ``{"t": kind}`` + MAC, checking the JSON part is exactly that."""
+        raw, mac = body[:-_MAC_SIZE], body[-_MAC_SIZE:]
+        if len(body) <= _MAC_SIZE or _loads(raw) != {"t": kind}:
+            raise ProtocolError(f"expected a {kind} message")
+        return raw, mac
 
     def _verify(self, mac: bytes, label: bytes, peer_role: str) -> None:
         expected = _mac(self._secret, label, *self._hashes)
@@ -460,9 +458,7 @@ class _Handshake:
                 ),
                 f"this {self._role} does not accept peers with role {hello.role!r}",
             )
-        problem = _version_problem(
-            (server.role, server.info), (client.role, client.info)
-        )
+        problem = _version_problem((server.role, server.info), (client.role, client.info))
         if problem is not None:
             raise _Reject(VersionMismatchError(problem), problem)
 
@@ -475,16 +471,11 @@ class _Handshake:
     def _own(self) -> _Hello:
         return _Hello(role=self._role, nonce=self._nonce, info=self._info)
 
-    @staticmethod
-    def _parse_peer_hello(raw: bytes, own_nonce: bytes) -> _Hello:
-        try:
-            hello = _parse_hello(raw)
-        except ProtocolError as exc:
-            raise _Reject(exc, str(exc)) from None
-        if hello.nonce == own_nonce:
+    def _parse_peer_hello(self, raw: bytes) -> _Hello:
+        hello = _parse_hello(raw)
+        if hello.nonce == self._nonce:
             # Only a reflected message carries our own nonce back.
-            reflected = ProtocolError("peer sent our own nonce back: reflected message")
-            raise _Reject(reflected, str(reflected))
+            raise ProtocolError("peer sent our own nonce back: reflected message")
         return hello
 
 
@@ -530,11 +521,14 @@ class ClientHandshake(_Handshake):
         """
         if self._state is _State.AWAIT_HELLO:
             return self._run(body, self._on_hello)
-        return self._run(body, self._on_welcome)
+        # The server already considers itself done: it would not read a refusal.
+        return self._run(body, self._on_welcome, answer=False)
 
     def _on_hello(self, body: bytes) -> bytes:
-        raw, mac = self._split(body, "hello")
-        hello = self._parse_peer_hello(raw, self._nonce)
+        if len(body) <= _MAC_SIZE:
+            raise ProtocolError("hello message is too short")
+        raw, mac = body[:-_MAC_SIZE], body[-_MAC_SIZE:]
+        hello = self._parse_peer_hello(raw)
         self._hashes.append(_sha(raw))
         self._verify(mac, _SERVER_PROOF, hello.role)
         self._accept_peer(hello, server=hello, client=self._own())
@@ -544,18 +538,10 @@ class ClientHandshake(_Handshake):
         return proof + mac3
 
     def _on_welcome(self, body: bytes) -> None:
-        # Failures here are not answered: the server already considers itself done.
-        try:
-            raw, mac = self._split(body, "welcome")
-            self._parse_exact(raw, {"t": "welcome"}, "welcome")
-        except _Reject as rej:
-            raise _Reject(rej.error, None) from None
+        raw, mac = self._split(body, "welcome")
         peer = self._authenticated_peer()
         self._hashes.append(_sha(raw))
-        try:
-            self._verify(mac, _WELCOME, peer.role)
-        except _Reject as rej:
-            raise _Reject(rej.error, None) from None
+        self._verify(mac, _WELCOME, peer.role)
         self._derive_keys(self._nonce, peer.nonce, client=True)
 
 
@@ -591,7 +577,7 @@ class ServerHandshake(_Handshake):
         return out
 
     def _on_hello(self, body: bytes) -> bytes:
-        self._client_hello = self._parse_peer_hello(body, self._nonce)
+        self._client_hello = self._parse_peer_hello(body)
         self._hashes = [_sha(body), _sha(self._hello)]
         mac2 = _mac(self._secret, _SERVER_PROOF, *self._hashes)
         return self._hello + mac2
@@ -599,7 +585,6 @@ class ServerHandshake(_Handshake):
     def _on_proof(self, body: bytes) -> bytes:
         client = self._client_hello
         raw, mac = self._split(body, "proof")
-        self._parse_exact(raw, {"t": "proof"}, "proof")
         self._hashes.append(_sha(raw))
         self._verify(mac, _CLIENT_PROOF, client.role)
         self._accept_peer(client, server=self._own(), client=client)

@@ -37,6 +37,8 @@ __all__ = [
     "JobsStarted",
     "JobDone",
     "CancelJob",
+    "AttachComputation",
+    "Attached",
     "CloseComputation",
     "Ping",
     "Pong",
@@ -150,6 +152,23 @@ class CancelJob:
 
 
 @dataclass(frozen=True, slots=True)
+class AttachComputation:
+    """Re-attach to a computation a vanished client left on the node (crash recovery).
+
+    The node answers :class:`Attached` and then sends the results it kept, or
+    :class:`ComputationFailed` if it no longer has the computation."""
+
+    comp_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Attached:
+    comp_id: str
+    pending: tuple[tuple[str, int], ...]  # (job_id, attempt) still queued or running on the node
+    kept: int  # results the node kept while no client was attached; they follow as JobDone
+
+
+@dataclass(frozen=True, slots=True)
 class CloseComputation:
     comp_id: str
     keep_files: bool = False
@@ -175,6 +194,8 @@ Message = (
     | JobsStarted
     | JobDone
     | CancelJob
+    | AttachComputation
+    | Attached
     | CloseComputation
     | Ping
     | Pong
@@ -196,6 +217,8 @@ MESSAGE_TYPES: dict[str, type] = {
         JobsStarted,
         JobDone,
         CancelJob,
+        AttachComputation,
+        Attached,
         CloseComputation,
         Ping,
         Pong,

@@ -23,20 +23,23 @@ import logging
 import os
 import socket
 import ssl as _ssl
-import sys
 from collections import deque
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-import cloudpickle
-
 from ..errors import ClusterError, ConnectionClosedError, ProtocolError
-from ..protocol.framing import DEFAULT_MAX_FRAME, PREAUTH_MAX_FRAME, FrameDecoder, encode_frame, frame_header
+from ..protocol.framing import (
+    DEFAULT_MAX_FRAME,
+    PREAUTH_MAX_FRAME,
+    FrameDecoder,
+    encode_frame,
+    frame_header,
+)
 from ..protocol.handshake import NONCE_SIZE, ClientHandshake, ServerHandshake
 from ..protocol.session import OVERHEAD, SessionCipher
 
-__all__ = ["READ_SIZE", "Connection", "connect", "accept", "version_info"]
+__all__ = ["READ_SIZE", "Connection", "connect", "accept"]
 
 _log = logging.getLogger("clusterpy.transport")
 
@@ -45,14 +48,6 @@ READ_SIZE = 256 * 1024
 # How long closing may wait for the peer to take our last bytes (e.g. a refusal).
 _CLOSE_TIMEOUT = 2.0
 _Handshake = ClientHandshake | ServerHandshake
-
-
-def version_info() -> dict[str, str]:
-    """The ``info`` entries the handshake requires, for this interpreter."""
-    return {
-        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-        "cloudpickle": str(cloudpickle.__version__),
-    }
 
 
 def _format_addr(addr: Any) -> str:
@@ -265,6 +260,11 @@ async def _exchange(
     await writer.drain()
 
 
+def _abort(hs: _Handshake, error: Exception) -> bytes | None:
+    # The deadline can fire just as the last message completed the handshake.
+    return None if hs.done else hs.abort(error)
+
+
 def _peer_label(hs: _Handshake, expected: frozenset[str] | None, default: str) -> str:
     if hs.peer_authenticated:
         return hs.peer_role
@@ -295,7 +295,7 @@ async def _handshake(
             async with asyncio.timeout_at(deadline):
                 await _exchange(reader, writer, hs, decoder)
         except ProtocolError as exc:  # from the handshake or the decoder
-            refusal = hs.refusal if hs.failed else hs.abort(exc)
+            refusal = hs.refusal if hs.failed else _abort(hs, exc)
             who = _peer_label(hs, expected, "client" if server else "server")
             if hs.refusal_reason is not None:
                 msg = f"{who} {addr} refused the connection: {hs.refusal_reason}"
@@ -305,11 +305,11 @@ async def _handshake(
             error.__cause__ = exc
         except TimeoutError as exc:
             msg = f"handshake timed out after {timeout:g} s"
-            refusal = hs.abort(ConnectionClosedError(msg))
+            refusal = _abort(hs, ConnectionClosedError(msg))
             error = ConnectionClosedError(f"handshake with {addr} failed: {msg}")
             error.__cause__ = exc
         except (EOFError, OSError) as exc:  # EOF, reset, broken pipe, TLS failure
-            hs.abort(ConnectionClosedError(str(exc)))
+            _abort(hs, ConnectionClosedError(str(exc)))
             detail = f": {exc}" if str(exc) else ""
             error = ConnectionClosedError(f"{addr} closed the connection during the handshake"
                                           f"{detail}")

@@ -1,0 +1,331 @@
+"""A node's client sessions and the computations they own.
+
+A computation belongs to the node, not to a connection: when its client vanishes (the
+connection breaks, or the client stops pulsing for ``zombie_interval``), its jobs keep
+running and their results are kept on disk for ``result_lease`` seconds. A client that comes
+back (a reconnect after a partition, or ``recover_jobs`` in a new process) re-attaches with
+the computation id and receives the kept results; the lease ending removes everything.
+
+Nothing here unpickles user data: results are kept and sent as the opaque bytes the worker made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from .errors import ConnectionClosedError, DependencyError, ProtocolError
+from .filestore import validate_name
+from .pool import ComputationSpec, JobOutcome
+from .protocol import codec
+from .protocol import messages as m
+from .transport.stream import Connection
+
+if TYPE_CHECKING:
+    from .node import NodeServer
+
+__all__ = ["QueuedJob", "Computation", "ClientSession"]
+
+log = logging.getLogger("clusterpy.node")
+
+_LEN = struct.Struct(">I")
+
+
+@dataclass(eq=False)
+class QueuedJob:
+    comp: "Computation"
+    request: m.JobRequest
+    key: str  # unique on this node: comp_id/job_id/attempt
+    cancelled: bool = False
+    timed_out: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class Computation:
+    comp_id: str
+    deploy: m.DeployComputation
+    workdir: Path
+    kept_path: Path
+    owner: "ClientSession | None" = None
+    incoming: dict[str, object] = field(default_factory=dict)  # sha256 -> IncomingFile
+    ready: bool = False
+    jobs: dict[str, QueuedJob] = field(default_factory=dict)  # key -> job
+    kept: int = 0
+    kept_bytes: int = 0
+    lease: asyncio.TimerHandle | None = None
+
+    def keep(self, message: m.JobDone) -> int:
+        """Append a result for a client that is away; returns the bytes used."""
+        data = codec.encode(message)
+        fd = os.open(self.kept_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, _LEN.pack(len(data)) + data)
+        finally:
+            os.close(fd)
+        self.kept += 1
+        self.kept_bytes += len(data) + _LEN.size
+        return len(data) + _LEN.size
+
+    def take_kept(self) -> Iterator[object]:
+        """Yield the kept results in order and forget them."""
+        if not self.kept:
+            return
+        try:
+            data = self.kept_path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        self.drop_kept()
+        offset = 0
+        while offset + _LEN.size <= len(data):
+            (size,) = _LEN.unpack_from(data, offset)
+            offset += _LEN.size
+            yield codec.decode(data[offset:offset + size])
+            offset += size
+
+    def drop_kept(self) -> None:
+        self.kept = 0
+        self.kept_bytes = 0
+        try:
+            self.kept_path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class ClientSession:
+    """One authenticated client connection and the computations it owns."""
+
+    def __init__(self, node: "NodeServer", conn: Connection) -> None:
+        self.node = node
+        self.conn = conn
+        self.comps: dict[str, Computation] = {}
+        self.last_heard = time.monotonic()
+        self._started: list[tuple[str, m.JobStart]] = []
+        self._closing = False
+
+    def send(self, message: object) -> None:
+        if not self.conn.closed:
+            self.conn.send(codec.encode(message))
+
+    async def serve(self) -> None:
+        try:
+            while True:
+                payload = await self.conn.recv()
+                self.last_heard = time.monotonic()
+                message = codec.decode(payload)
+                await self._handle(message)
+        except ConnectionClosedError:
+            reason = "client disconnected"
+        except ProtocolError as exc:
+            log.warning("closing connection from %s: %s", self.conn.peername, exc)
+            reason = f"protocol error: {exc}"
+        except OSError as exc:
+            reason = f"connection error: {exc}"
+        await self.aclose(reason)
+
+    async def aclose(self, reason: str) -> None:
+        """End the session; computations it still owns are kept for their client's return."""
+        if self._closing:
+            return
+        self._closing = True
+        log.info("session with %s ends: %s", self.conn.peername, reason)
+        for comp in list(self.comps.values()):
+            self.node.orphan(comp)
+        self.comps.clear()
+        await self.conn.aclose()
+
+    async def _handle(self, msg: object) -> None:
+        if isinstance(msg, m.SubmitJobs):
+            comp = self.comps.get(msg.comp_id)
+            if comp is None or not comp.ready:
+                raise ProtocolError(f"jobs for computation {msg.comp_id!r} that is not ready")
+            for req in msg.jobs:
+                key = f"{comp.comp_id}/{req.job_id}/{req.attempt}"
+                if key in comp.jobs:
+                    continue  # a duplicate dispatch of the same attempt: run it once
+                job = QueuedJob(comp, req, key)
+                comp.jobs[key] = job
+                self.node.enqueue(job)
+        elif isinstance(msg, m.Ping):
+            self.send(m.Pong(msg.sent))
+        elif isinstance(msg, m.Pong):
+            pass
+        elif isinstance(msg, m.FileChunk):
+            self._on_chunk(msg)
+        elif isinstance(msg, m.DeployComputation):
+            self._on_deploy(msg)
+        elif isinstance(msg, m.AttachComputation):
+            self._on_attach(msg.comp_id)
+        elif isinstance(msg, m.CancelJob):
+            comp = self.comps.get(msg.comp_id)
+            job = comp.jobs.get(f"{msg.comp_id}/{msg.job_id}/{msg.attempt}") if comp else None
+            if job is not None:
+                await self.node.cancel(job)
+        elif isinstance(msg, m.CloseComputation):
+            comp = self.comps.pop(msg.comp_id, None)
+            if comp is not None:
+                await self.node.close_computation(comp, keep_files=msg.keep_files or comp.deploy.keep_files)
+        else:
+            self.node.handle_other(self, msg)
+        await self.conn.drain()
+
+    # ---------------------------------------------------------------- deployment
+
+    def _on_deploy(self, msg: m.DeployComputation) -> None:
+        existing = self.node.comps.get(msg.comp_id)
+        if existing is not None and existing.ready:
+            # The same client again (it reconnected): take the computation over.
+            self.send(m.FilesNeeded(msg.comp_id, ()))
+            self._attach(existing)
+            self.send(m.ComputationReady(msg.comp_id))
+            self._send_kept(existing)
+            return
+        if existing is not None:
+            raise ProtocolError(f"computation {msg.comp_id!r} is already being deployed")
+        store = self.node.store
+        assert store is not None
+        try:
+            if msg.kind not in ("function", "program"):
+                raise DependencyError(f"unknown computation kind {msg.kind!r}")
+            for f in msg.files:
+                validate_name(f.name)
+            workdir = store.create_computation_dir(msg.comp_id)
+        except DependencyError as exc:
+            log.warning("refused computation %r from %s: %s", msg.comp_id, self.conn.peername, exc)
+            self.send(m.ComputationFailed(msg.comp_id, str(exc)))
+            return
+        comp = Computation(msg.comp_id, msg, workdir, self.node.kept_dir / msg.comp_id)
+        self.node.comps[msg.comp_id] = comp
+        self._attach(comp)
+        missing = sorted({f.sha256 for f in msg.files if not store.has(f.sha256)})
+        sizes = {f.sha256: f.size for f in msg.files}
+        try:
+            for sha in missing:
+                comp.incoming[sha] = store.begin(sha, sizes[sha])
+        except DependencyError as exc:
+            self._fail(comp, str(exc))
+            return
+        self.send(m.FilesNeeded(msg.comp_id, tuple(missing)))
+        if not missing:
+            self._finish_deploy(comp)
+
+    def _on_attach(self, comp_id: str) -> None:
+        comp = self.node.comps.get(comp_id)
+        if comp is None or not comp.ready:
+            self.send(m.ComputationFailed(comp_id, "this node does not have that computation "
+                                          "(it was restarted, or the result lease ended)"))
+            return
+        self._attach(comp)
+        pending = tuple((j.request.job_id, j.request.attempt) for j in comp.jobs.values() if not j.cancelled)
+        self.send(m.Attached(comp_id, pending, comp.kept))
+        self._send_kept(comp)
+
+    def _attach(self, comp: Computation) -> None:
+        if comp.owner is not None and comp.owner is not self:
+            comp.owner.comps.pop(comp.comp_id, None)
+            log.info("computation %s moves to a new connection from %s", comp.comp_id, self.conn.peername)
+        if comp.lease is not None:
+            comp.lease.cancel()
+            comp.lease = None
+        comp.owner = self
+        self.comps[comp.comp_id] = comp
+
+    def _send_kept(self, comp: Computation) -> None:
+        count = 0
+        for message in comp.take_kept():
+            self.send(message)
+            count += 1
+        if count:
+            log.info("delivered %d kept results of computation %s", count, comp.comp_id)
+
+    def _on_chunk(self, msg: m.FileChunk) -> None:
+        comp = self.comps.get(msg.comp_id)
+        if comp is None or comp.ready:
+            raise ProtocolError(f"file data for computation {msg.comp_id!r} that is not being deployed")
+        incoming = comp.incoming.get(msg.sha256)
+        if incoming is None:
+            raise ProtocolError(f"file data for {msg.sha256[:12]} that was not asked for")
+        try:
+            incoming.write(msg.data)  # type: ignore[attr-defined]
+            if msg.last:
+                incoming.finish()  # type: ignore[attr-defined]
+                del comp.incoming[msg.sha256]
+                if not comp.incoming:
+                    self._finish_deploy(comp)
+        except DependencyError as exc:
+            self._fail(comp, str(exc))
+
+    def _finish_deploy(self, comp: Computation) -> None:
+        store = self.node.store
+        assert store is not None
+        msg = comp.deploy
+        try:
+            for f in msg.files:
+                store.place(comp.workdir, f.name, f.sha256, f.mode)
+            program = None
+            if msg.kind == "program":
+                if not msg.program:
+                    raise DependencyError("a program computation needs a program")
+                program = [str(comp.workdir / validate_name(msg.program[0])), *msg.program[1:]]
+                if program[0].endswith(".py"):
+                    program.insert(0, sys.executable)
+            spec = ComputationSpec(msg.comp_id, msg.kind, str(comp.workdir), msg.bundle, program)
+        except DependencyError as exc:
+            self._fail(comp, str(exc))
+            return
+        self.node.pool.add_computation(spec)
+        comp.ready = True
+        log.info("computation %s ready (%d files)", comp.comp_id, len(msg.files))
+        self.send(m.ComputationReady(comp.comp_id))
+
+    def _fail(self, comp: Computation, reason: str) -> None:
+        log.warning("computation %s from %s failed: %s", comp.comp_id, self.conn.peername, reason)
+        for incoming in comp.incoming.values():
+            incoming.abort()  # type: ignore[attr-defined]
+        comp.incoming.clear()
+        self.comps.pop(comp.comp_id, None)
+        self.node.comps.pop(comp.comp_id, None)
+        if self.node.store is not None:
+            self.node.store.remove_computation(comp.comp_id)
+        self.send(m.ComputationFailed(comp.comp_id, reason))
+
+    # ---------------------------------------------------------------- job reports
+
+    def started(self, job: QueuedJob) -> None:
+        if not self._started:
+            asyncio.get_running_loop().call_soon(self._flush_started)
+        self._started.append((job.comp.comp_id, m.JobStart(job.request.job_id, job.request.attempt, time.time())))
+
+    def _flush_started(self) -> None:
+        by_comp: dict[str, list[m.JobStart]] = {}
+        for comp_id, start in self._started:
+            by_comp.setdefault(comp_id, []).append(start)
+        self._started.clear()
+        for comp_id, starts in by_comp.items():
+            self.send(m.JobsStarted(comp_id, tuple(starts)))
+
+    def deliver(self, message: m.JobDone) -> None:
+        if self._started:
+            self._flush_started()  # Running must reach the client before Done
+        self.send(message)
+
+
+def job_done_message(job: QueuedJob, o: JobOutcome) -> m.JobDone:
+    """The report of one job's end, with the node's view of why it was stopped."""
+    status, exc_message = o.status, o.exc_message
+    if job.timed_out and status == "terminated":
+        exc_message = f"the job ran longer than its timeout of {job.request.timeout:g}s and was terminated"
+    elif job.cancelled and status in ("terminated", "cancelled"):
+        status = "cancelled"
+    return m.JobDone(
+        job.comp.comp_id, job.request.job_id, job.request.attempt, status, o.result, o.exception,
+        o.exc_type, exc_message, o.traceback, o.stdout, o.stderr, o.start_time, o.end_time,
+        o.cpu_time, o.exit_code,
+    )

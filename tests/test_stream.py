@@ -1,0 +1,310 @@
+"""The asyncio adapter over real sockets on 127.0.0.1."""
+
+import asyncio
+import json
+import logging
+import os
+import struct
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from clusterpy.errors import (
+    AuthenticationError,
+    ClusterError,
+    ConnectionClosedError,
+    FrameTooLargeError,
+    ProtocolError,
+    VersionMismatchError,
+)
+from clusterpy.protocol.framing import encode_frame
+from clusterpy.protocol.handshake import ClientHandshake
+from clusterpy.transport.stream import Connection, accept, connect
+
+SECRET = b"the cluster secret"
+INFO = {"python": "3.11", "cloudpickle": "3.0.0", "hostname": "test"}
+
+Handler = Callable[[Connection], Awaitable[None]]
+
+
+class Server:
+    """A node-like test server: accepts, runs ``handler``, records handshake errors."""
+
+    def __init__(self, handler: Handler | None = None, **accept_kw) -> None:
+        self.handler = handler
+        self.accept_kw = {"secret": SECRET, "role": "node", "info": INFO,
+                          "expected_peer_roles": {"client", "scheduler"}, **accept_kw}
+        self.errors: list[ClusterError] = []
+        self.accepted = 0
+        self.errors_changed = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+
+    async def __aenter__(self) -> "Server":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.server.wait_closed()
+
+    def _serve(self, reader, writer) -> None:
+        self.tasks.add(asyncio.ensure_future(self._handle(reader, writer)))
+
+    async def _handle(self, reader, writer) -> None:
+        try:
+            conn = await accept(reader, writer, **self.accept_kw)
+        except ClusterError as exc:
+            self.errors.append(exc)
+            self.errors_changed.set()
+            return
+        self.accepted += 1
+        async with conn:
+            if self.handler is not None:
+                await self.handler(conn)
+
+    async def next_error(self) -> ClusterError:
+        while not self.errors:
+            self.errors_changed.clear()
+            await self.errors_changed.wait()
+        return self.errors.pop(0)
+
+    def connect(self, **kw) -> Awaitable[Connection]:
+        args = {"secret": SECRET, "role": "client", "info": INFO,
+                "expected_peer_roles": {"node"}, **kw}
+        return connect("127.0.0.1", self.port, **args)
+
+
+async def echo(conn: Connection) -> None:
+    try:
+        while True:
+            conn.send(await conn.recv())
+    except ConnectionClosedError:
+        pass
+
+
+@pytest.fixture(autouse=True)
+async def hard_timeout():
+    # No test may hang: the whole suite must stay fast.
+    async with asyncio.timeout(15):
+        yield
+
+
+async def test_ten_thousand_pipelined_messages_both_ways():
+    n = 10_000
+
+    async def talk(conn: Connection) -> list[bytes]:
+        async def sender():
+            for i in range(n):
+                conn.send(b"msg %d" % i)
+            await conn.drain()
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(sender())
+            received = [await conn.recv() for _ in range(n)]
+        return received
+
+    server_got: list[bytes] = []
+
+    async def handler(conn: Connection) -> None:
+        server_got.extend(await talk(conn))
+
+    async with Server(handler) as srv:
+        async with await srv.connect() as conn:
+            assert conn.peer_role == "node" and conn.peer_info == INFO
+            client_got = await talk(conn)
+            assert client_got == [b"msg %d" % i for i in range(n)]
+            with pytest.raises(ConnectionClosedError):
+                await conn.recv()  # the server closes after its handler returns
+        assert server_got == client_got
+
+
+async def test_one_mib_payloads_and_data_right_after_the_handshake():
+    big = os.urandom(1 << 20)
+
+    async def handler(conn: Connection) -> None:
+        # Sent immediately after B4: must not be judged by the pre-auth 4 KiB cap.
+        conn.send(big)
+        await echo(conn)
+
+    async with Server(handler) as srv:
+        async with await srv.connect() as conn:
+            assert await conn.recv() == big
+            for i in range(4):
+                payload = bytes([i]) * (1 << 20)
+                conn.send(payload)
+                assert await conn.recv() == payload
+
+
+async def test_wrong_secret_refused_on_both_sides_then_good_client_accepted(caplog):
+    caplog.set_level(logging.WARNING, logger="clusterpy.transport")
+    async with Server(echo) as srv:
+        with pytest.raises(AuthenticationError) as info:
+            await srv.connect(secret=b"not the secret")
+        msg = str(info.value)
+        assert f"127.0.0.1:{srv.port}" in msg and "node" in msg and "wrong secret?" in msg
+        server_error = await srv.next_error()
+        assert isinstance(server_error, AuthenticationError)
+        assert "wrong secret?" in str(server_error) and "127.0.0.1:" in str(server_error)
+        assert any(r.levelno == logging.WARNING and "127.0.0.1:" in r.getMessage()
+                   and "wrong secret?" in r.getMessage() for r in caplog.records)
+        # The server keeps serving.
+        async with await srv.connect() as conn:
+            conn.send(b"ping")
+            assert await conn.recv() == b"ping"
+
+
+async def test_server_refusal_reaches_the_client_with_address():
+    async with Server() as srv:
+        with pytest.raises(AuthenticationError,
+                           match=rf"node 127\.0\.0\.1:{srv.port} refused the connection: "
+                                 "this node does not accept peers with role 'node'"):
+            await srv.connect(role="node")
+        assert isinstance(await srv.next_error(), AuthenticationError)
+
+
+async def test_version_mismatch_is_clear():
+    async with Server(info={**INFO, "cloudpickle": "0.0.1"}) as srv:
+        with pytest.raises(VersionMismatchError, match="cloudpickle 0.0.1"):
+            await srv.connect()
+        assert isinstance(await srv.next_error(), VersionMismatchError)
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    """Send ``data`` on a raw socket and return everything until EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    try:
+        return await reader.read()
+    finally:
+        writer.close()
+
+
+def refusal(reply: bytes) -> dict:
+    (length,) = struct.unpack(">I", reply[:4])
+    assert len(reply) == 4 + length
+    obj = json.loads(reply[4:])
+    assert obj["t"] == "refused"
+    return obj
+
+
+@pytest.mark.parametrize(
+    "garbage,error",
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", FrameTooLargeError),
+        (b"\xff\xff\xff\xff" + b"x" * 100_000, FrameTooLargeError),
+        (encode_frame(b"\x00garbage{"), ProtocolError),
+        (encode_frame(b'{"t":"hello"}'), ProtocolError),
+    ],
+)
+async def test_garbage_is_refused(garbage, error):
+    async with Server(echo) as srv:
+        reply = await raw_exchange(srv.port, garbage)
+        assert refusal(reply)["kind"] == "protocol"
+        assert isinstance(await srv.next_error(), error)
+        assert srv.accepted == 0
+
+
+async def test_handshake_timeout_cuts_silent_and_slow_drip_clients():
+    async with Server(echo, handshake_timeout=0.3) as srv:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        reply = await raw_exchange(srv.port, b"")
+        assert "timed out" in refusal(reply)["reason"]
+        assert loop.time() - start < 2
+        start = loop.time()
+        error = await srv.next_error()
+        assert isinstance(error, ConnectionClosedError) and "timed out" in str(error)
+
+        # A client dripping a valid B1 one byte at a time is cut too.
+        hs = ClientHandshake(SECRET, role="client", info=INFO, nonce=os.urandom(32))
+        b1 = encode_frame(hs.start())
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        until_eof = asyncio.ensure_future(reader.read())
+        for byte in b1:
+            if until_eof.done():
+                break
+            try:
+                writer.write(bytes([byte]))
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("a slow-drip client was not cut off")
+        assert loop.time() - start < 4
+        try:
+            assert "timed out" in refusal(await until_eof)["reason"]
+        except ConnectionError:
+            pass  # the reset may overtake the refusal
+        writer.close()
+        assert "timed out" in str(await srv.next_error())
+
+
+async def test_client_handshake_timeout():
+    writers = []
+    server = await asyncio.start_server(lambda r, w: writers.append(w), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ConnectionClosedError, match="timed out"):
+            await connect("127.0.0.1", port, secret=SECRET, role="client", info=INFO,
+                          handshake_timeout=0.2)
+    finally:
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_connection_refused_is_connection_closed():
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    with pytest.raises(ConnectionClosedError, match="cannot connect"):
+        await connect("127.0.0.1", port, secret=SECRET, role="client", info=INFO)
+
+
+async def test_closed_connection_refuses_use():
+    async with Server(echo) as srv:
+        conn = await srv.connect()
+        await conn.aclose()
+        assert conn.closed
+        with pytest.raises(ConnectionClosedError, match="closed locally"):
+            conn.send(b"x")
+        with pytest.raises(ConnectionClosedError, match="closed locally"):
+            await conn.recv()
+        await conn.aclose()  # idempotent
+
+
+async def test_tampered_frame_after_handshake_breaks_the_connection():
+    async def handler(conn: Connection) -> None:
+        # Inject a forged frame the session MAC must reject.
+        conn._writer.write(encode_frame(b"\x00" * 8 + b"forged" + b"\x00" * 32))
+        await conn.drain()
+        await asyncio.sleep(1)
+
+    async with Server(handler) as srv:
+        async with await srv.connect() as conn:
+            with pytest.raises(AuthenticationError):
+                await conn.recv()
+            assert conn.closed
+            with pytest.raises(ConnectionClosedError, match="broken"):
+                await conn.recv()
+
+
+async def test_post_auth_frame_cap_applies():
+    async def handler(conn: Connection) -> None:
+        conn._writer.write(struct.pack(">I", 10_000))
+        await conn.drain()
+        await asyncio.sleep(1)
+
+    async with Server(handler) as srv:
+        async with await srv.connect(max_frame=5000) as conn:
+            with pytest.raises(ValueError):
+                conn.send(b"x" * 5000)  # over our own cap once sealed
+            with pytest.raises(FrameTooLargeError):
+                await conn.recv()
