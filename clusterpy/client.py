@@ -21,7 +21,6 @@ import asyncio
 import concurrent.futures
 import logging
 import os
-import signal
 import site
 import sys
 import sysconfig
@@ -55,19 +54,18 @@ from .errors import (
     ConfigurationError,
     ConnectionClosedError,
     JobCancelledError,
-    JobError,
-    JobTerminatedError,
     NodeLostError,
     ProtocolError,
-    RemoteTraceback,
     VersionMismatchError,
-    WorkerDiedError,
 )
+from .filestore import validate_comp_id
 from .identity import DEFAULT_NODE_PORT, local_info
-from .job import ClusterJob, JobStatus
+from .journal import JournalWriter
+from .job import ClusterJob, JobStatus, apply_report
 from .protocol import codec
 from .protocol import messages as m
 from .secret import load_secret
+from .discovery import DEFAULT_RELAY_PORT, DiscoveryKey, plan_nodes
 from .transport.stream import Connection, connect
 
 __all__ = ["JobCluster"]
@@ -261,6 +259,10 @@ class _Runtime:
         self._flush_scheduled = False
         self._dirty: set[_NodeLink] = set()
         self.local_node: Any = None
+        self.discovery: Any = None  # transport.udp.DiscoveryClient when discovering
+        self._local_start: asyncio.Future[int] | None = None
+        self.journal: JournalWriter | None = cluster._journal
+        self._journal_flush_scheduled = False
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -272,17 +274,44 @@ class _Runtime:
 
     async def start(self, addresses: list[tuple[str, int]], local: bool) -> None:
         if local:
-            from .node import NodeServer  # the embedded node; workers are real processes
-
-            dest = tempfile.mkdtemp(prefix="clusterpy-local-")
-            self.local_node = NodeServer(secret=self.secret, host="127.0.0.1", port=0,
-                                         cpus=self.cluster.local_cpus, dest_path=dest)
-            self.local_node._own_dest = dest
-            await self.local_node.start()
-            addresses = [*addresses, ("127.0.0.1", self.local_node.port)]
+            addresses = [*addresses, ("127.0.0.1", await self._start_local())]
         for host, port in addresses:
             self.add_link(host, port)
         self.spawn(self._pulse())
+        if self.cluster._discovery is not None:
+            from .transport.udp import DiscoveryClient
+
+            self.discovery = DiscoveryClient(self.secret, on_found=self._discovered, explicit=addresses,
+                                             **self.cluster._discovery)
+            await self.discovery.start()
+            if self.cluster._local_fallback is not None:
+                self.spawn(self._local_fallback(self.cluster._local_fallback))
+
+    async def _start_local(self) -> int:
+        from .node import NodeServer  # the embedded node; workers are real processes
+
+        dest = tempfile.mkdtemp(prefix="clusterpy-local-")
+        self.local_node = NodeServer(secret=self.secret, host="127.0.0.1", port=0,
+                                     cpus=self.cluster.local_cpus, dest_path=dest, discovery=False)
+        self.local_node._own_dest = dest
+        await self.local_node.start()
+        return int(self.local_node.port)
+
+    async def _local_fallback(self, wait: float) -> None:
+        """No node named and none discovered within ``wait`` seconds: use the embedded node."""
+        await asyncio.sleep(wait)
+        if self.closing or self.links:
+            return
+        log.info("no node discovered within %gs: starting the embedded local node", wait)
+        # Not cancelled by aclose (a half-started node would leak workers): aclose awaits it.
+        self._local_start = asyncio.ensure_future(self._start_local())
+        port = await asyncio.shield(self._local_start)
+        if not self.closing:
+            self.add_link("127.0.0.1", port)
+
+    def _discovered(self, found: Any) -> None:
+        if not self.closing:
+            self.add_link(found.host, found.port)
 
     async def _pulse(self) -> None:
         """Ping every node each pulse; a node silent past node_timeout is lost.
@@ -309,19 +338,35 @@ class _Runtime:
 
     # ---------------------------------------------------------------- core plumbing
 
+    def record(self, *fields: Any) -> None:
+        """Journal one event; it reaches the file at the end of this loop turn."""
+        if self.journal is None:
+            return
+        self.journal.append(*fields)
+        if not self._journal_flush_scheduled:
+            self._journal_flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_journal)
+
+    def _flush_journal(self) -> None:
+        self._journal_flush_scheduled = False
+        if self.journal is not None:
+            self.journal.sync(1.0)
+
     def execute(self, actions: list[Any]) -> None:
         for action in actions:
             if isinstance(action, DispatchJobs):
                 link = self.by_node[action.node_id]
                 for job_id, attempt in action.jobs:
                     _job, args, timeout = self.jobs[job_id]
-                    link.pending_submit.append(m.JobRequest(job_id, attempt, args, timeout))
+                    link.pending_submit.append(m.JobRequest(job_id, attempt, args, timeout, self.cluster.cpus_per_job))
+                    self.record("dispatch", job_id, action.node_id, attempt)
                 self._dirty.add(link)
                 if not self._flush_scheduled:
                     self._flush_scheduled = True
                     asyncio.get_running_loop().call_soon(self._flush)
             elif isinstance(action, ResolveJob):
                 job = self.jobs[action.job_id][0]
+                self.record("resolved", action.job_id, action.state.value, action.reason)
                 if action.state is JobState.CANCELLED:
                     self.finish(job, JobStatus.Cancelled, exc=JobCancelledError(f"job {job.id!r} was cancelled"))
                 else:
@@ -345,6 +390,7 @@ class _Runtime:
     def submit(self, job: ClusterJob, args: bytes, timeout: float | None, node: str | None) -> None:
         self.jobs[job._key] = (job, args, timeout)
         self.idle.clear()
+        self.record("submit", job._key, job.id, args, timeout)
         node_id = None if node is None else (self._find_node(node) or node)
         self.execute(self.core.handle(JobSubmitted(job._key, node_id=node_id)))
         self._check_all_failed()
@@ -365,10 +411,14 @@ class _Runtime:
             log.warning("node %s is already in the cluster (same node id); ignoring the second link", link.name)
             return
         self.by_node[link.node_id] = link
+        self.record("node", link.node_id, link.host, link.port, link.ip_addr, link.hostname)
         log.info("node %s (%s, %d CPUs) joined", link.name, link.hostname, link.cpus)
-        self.execute(self.core.handle(NodeJoined(link.node_id, link.cpus)))
+        # A node fits cpus // cpus_per_job jobs at once (the node itself enforces the CPUs).
+        self.execute(self.core.handle(NodeJoined(link.node_id, max(1, link.cpus // self.cluster.cpus_per_job))))
 
     def link_lost(self, link: _NodeLink, reason: str) -> None:
+        if self.discovery is not None and link.node_id is not None:
+            self.discovery.forget(link.node_id)  # its next answer may bring it back
         if link.node_id is not None and self.by_node.get(link.node_id) is link:
             del self.by_node[link.node_id]
             if not self.closing:
@@ -422,46 +472,12 @@ class _Runtime:
             self.execute(actions)
             return
         job = self.jobs[msg.job_id][0]
+        self.record("done", msg.job_id, link.node_id, msg)
         link.jobs_done += 1
         link.cpu_time += msg.cpu_time
-        job.ip_addr, job.node_id, job.hostname = link.ip_addr, link.node_id, link.hostname
-        job.start_time, job.end_time, job.cpu_time = msg.start_time, msg.end_time, msg.cpu_time
-        job.stdout = msg.stdout.decode("utf-8", "replace")
-        job.stderr = msg.stderr.decode("utf-8", "replace")
-        job.exit_code = msg.exit_code
-        where = f"on node {link.name}"
-        if msg.status == "finished":
-            try:
-                result = cloudpickle.loads(msg.result) if msg.result is not None else None
-            except Exception as exc:
-                self.finish(job, JobStatus.Terminated, exc=JobError(
-                    f"job {job.id!r} finished {where} but its result cannot be unpickled here: {exc!r}"))
-            else:
-                self.finish(job, JobStatus.Finished, result=result)
-        elif msg.status == "exception" or msg.status == "setup_failed":
-            exc = None
-            if msg.exception is not None:
-                try:
-                    exc = cloudpickle.loads(msg.exception)
-                except Exception:
-                    exc = None
-            if not isinstance(exc, BaseException):
-                prefix = "setup failed: " if msg.status == "setup_failed" else ""
-                exc = JobError(f"{prefix}{msg.exc_type}: {msg.exc_message}")
-            exc.__cause__ = RemoteTraceback(f'\n"""\nTraceback {where}:\n{msg.traceback or ""}"""')
-            self.finish(job, JobStatus.Terminated, exc=exc)
-        elif msg.status == "died":
-            code = msg.exit_code
-            how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 and -code in signal.Signals._value2member_map_ else f"exit code {code}"
-            self.finish(job, JobStatus.Terminated, exc=WorkerDiedError(
-                f"the worker process running job {job.id!r} {where} died ({how}); the node replaced it", code))
-        elif msg.status == "terminated":
-            self.finish(job, JobStatus.Terminated, exc=JobTerminatedError(
-                msg.exc_message or f"job {job.id!r} was terminated {where}"))
-        elif msg.status == "cancelled":
-            self.finish(job, JobStatus.Cancelled, exc=JobCancelledError(f"job {job.id!r} was cancelled"))
-        else:
-            self.finish(job, JobStatus.Terminated, exc=JobError(f"job {job.id!r} ended {where} with unknown status {msg.status!r}"))
+        status, result, exc = apply_report(job, msg, ip_addr=link.ip_addr, node_id=link.node_id,
+                                           hostname=link.hostname, where=f"on node {link.name}")
+        self.finish(job, status, result=result, exc=exc)
         self.execute(actions[1:])
 
     def finish(self, job: ClusterJob, status: JobStatus, *, result: Any = None, exc: BaseException | None = None) -> None:
@@ -496,9 +512,13 @@ class _Runtime:
                 except (ClusterError, OSError):
                     pass
                 await link.conn.aclose()
+        if self.discovery is not None:
+            await self.discovery.aclose()
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self._local_start is not None:
+            await asyncio.gather(self._local_start, return_exceptions=True)
         if self.local_node is not None:
             await self.local_node.aclose()
             import shutil
@@ -512,8 +532,10 @@ class JobCluster:
     Args:
         computation: a Python callable (shipped with cloudpickle) or the path of a program
             (run with each job's arguments; its exit code is the job's result).
-        nodes: node addresses: ``"host"`` or ``"host:port"``. Default: none, then an embedded
-            local node is started (``local=True``).
+        nodes: node addresses, ``"host"`` or ``"host:port"``, connected directly (across
+            networks), and wildcard patterns (``"192.168.1.*"``, ``"10.0.*:9700"``) that select
+            which discovered nodes to use. Default: discover every node (see ``discover``) and,
+            if none answers within ``discovery_wait`` seconds, start an embedded local node.
         depends: files, directories, modules, packages, functions and classes the computation
             needs on the nodes.
         setup: run once in every worker before its first job (``setup(*setup_args)``); globals it
@@ -528,7 +550,29 @@ class JobCluster:
             instead of being tried again.
         pulse_interval: seconds between pings to each node.
         node_timeout: a node silent this long is declared lost (default 5 pulses, at least 3 s).
+        recover_file: keep a journal there, so that if this process dies,
+            ``clusterpy.recover_jobs(recover_file)`` collects the jobs' results. Removed on a
+            clean close.
         prefetch: jobs sent ahead per CPU to hide the network round trip.
+        cpus_per_job: CPUs each job occupies on its node (a node with fewer runs it alone).
+        dest_path: one directory name: the computation's files go to, and its jobs run in,
+            that directory under each node's dest path, kept after the cluster closes
+            (default: a private directory, removed).
+
+        discover: find nodes by UDP broadcast (and ``relays``); nodes that announce themselves
+            later join the running cluster. Default: on when ``nodes`` is empty (and
+            ``local`` is not True), has a wildcard pattern, or ``relays`` are given.
+        discovery_port: the nodes' UDP discovery port (default ``port``, 9700).
+        discovery_interfaces: where to broadcast: interface names (wildcards allowed),
+            addresses or CIDR networks, as a list or a comma-separated string; ``"none"``: no
+            broadcast (relays only). Default: ``$CLUSTERPY_DISCOVERY_INTERFACES``, else every
+            IPv4 interface, loopback included.
+        discovery_interval: seconds between discovery requests (0: only at start).
+        discovery_wait: with no ``nodes`` and ``local=None``, how long to wait for a discovered
+            node before starting the embedded local node.
+        relays: ``"host[:port]"`` of clusterpy-netrelay daemons (default port 9701) that
+            rebroadcast this client's requests on their networks.
+        cluster_name: discovery only sees nodes with the same secret *and* the same name.
 
     Raises:
         ConfigurationError: bad arguments, or no secret could be found.
@@ -555,18 +599,36 @@ class JobCluster:
         timeout: float | None = None,
         prefetch: int = 1,
         keep_files: bool = False,
+        cpus_per_job: int = 1,
+        dest_path: str | None = None,
         connect_timeout: float = 10.0,
         pulse_interval: float = 2.0,
         node_timeout: float | None = None,
+        recover_file: str | os.PathLike[str] | None = None,
+        discover: bool | None = None,
+        discovery_port: int | None = None,
+        discovery_interfaces: str | Iterable[str] | None = None,
+        discovery_interval: float = 30.0,
+        discovery_wait: float = 1.0,
+        relays: str | Iterable[str] = (),
+        cluster_name: str = "",
         loglevel: int | str | None = None,
     ) -> None:
         if loglevel is not None:
             logging.getLogger("clusterpy").setLevel(loglevel)
         self._secret = load_secret(secret, secret_file=secret_file)
         node_list = [nodes] if isinstance(nodes, str) else list(nodes or [])
-        if local is None:
-            local = not node_list
-        self.addresses = [_parse_node(n, port) for n in node_list]
+        try:  # discovery and the embedded node (clusterpy.discovery.plan_nodes)
+            plan = plan_nodes(node_list, discover=discover, local=local, relays=bool(relays), wait=discovery_wait)
+            DiscoveryKey.derive(b"", cluster_name)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        local, self._local_fallback = plan.local, plan.fallback
+        self.addresses = [_parse_node(n, port) for n in plan.explicit]
+        self._discovery = None if not plan.discover else dict(
+            port=discovery_port or port, interfaces=discovery_interfaces, interval=discovery_interval,
+            relays=[_parse_node(r, DEFAULT_RELAY_PORT) for r in ([relays] if isinstance(relays, str) else relays)],
+            patterns=plan.patterns, cluster_name=cluster_name)
         self.callback = callback
         self.reentrant = reentrant
         self.allowed_failures = allowed_failures
@@ -578,12 +640,25 @@ class JobCluster:
         self.pulse_interval = pulse_interval
         self.node_timeout = node_timeout if node_timeout is not None else max(5 * pulse_interval, 3.0)
         self.local_cpus = local_cpus
+        if isinstance(cpus_per_job, bool) or not isinstance(cpus_per_job, int) or cpus_per_job < 1:
+            raise ConfigurationError(f"cpus_per_job must be a positive int, not {cpus_per_job!r}")
+        self.cpus_per_job = cpus_per_job
+        if dest_path is not None:
+            try:
+                validate_comp_id(dest_path)
+            except ClusterError as exc:
+                raise ConfigurationError(f"dest_path must be one directory name: {exc}") from None
+        self.dest_path = dest_path
         self._comp_id = f"c{uuid.uuid4().hex}"
         self._closed = False
         self._jobs_submitted = 0
         self._jobs_lock = threading.Lock()
         self._callbacks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clusterpy-callback") if callback else None
         self._dependencies, self._deploy_message = self._package(computation, depends, setup, setup_args, cleanup, keep_files)
+        self._journal = None
+        if recover_file is not None:
+            self._journal = JournalWriter(recover_file, self._secret, comp_id=self._comp_id,
+                                          computation=self.computation_name)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="clusterpy-loop", daemon=True)
         self._thread.start()
@@ -609,7 +684,8 @@ class JobCluster:
                 "depends": list(found.objects), "setup_args": tuple(setup_args),
             })
             self.computation_name = getattr(computation, "__name__", repr(computation))
-            deploy = m.DeployComputation(self._comp_id, "function", self._metas(found), bundle, None, keep_files)
+            deploy = m.DeployComputation(self._comp_id, "function", self._metas(found), bundle, None, keep_files,
+                                         self.dest_path)
         elif isinstance(computation, (str, os.PathLike)):
             path = os.fspath(computation)
             if not os.path.isfile(path):
@@ -617,7 +693,7 @@ class JobCluster:
             found = deps_mod.collect(depends, program=path)
             self.computation_name = os.path.basename(path)
             deploy = m.DeployComputation(self._comp_id, "program", self._metas(found), None,
-                                         (os.path.basename(path),), keep_files)
+                                         (os.path.basename(path),), keep_files, self.dest_path)
         else:
             raise ConfigurationError(f"computation must be a callable or a program's path, not {type(computation).__name__}")
         return found, deploy
@@ -761,6 +837,8 @@ class JobCluster:
         self._closed = True
         try:
             self._await(self._rt.aclose(terminate), timeout)
+            if self._journal is not None:
+                self._journal.close(remove=True)
         finally:
             self._stop_loop()
             if self._callbacks is not None:

@@ -6,9 +6,17 @@ import asyncio
 import concurrent.futures
 import enum
 import itertools
-from typing import Any, Callable, Generator
+import signal
+from typing import TYPE_CHECKING, Any, Callable, Generator
 
-__all__ = ["JobStatus", "ClusterJob"]
+import cloudpickle
+
+from .errors import JobCancelledError, JobError, JobTerminatedError, RemoteTraceback, WorkerDiedError
+
+if TYPE_CHECKING:
+    from .protocol.messages import JobDone
+
+__all__ = ["JobStatus", "ClusterJob", "apply_report"]
 
 
 class JobStatus(enum.Enum):
@@ -102,3 +110,52 @@ class ClusterJob:
     def __repr__(self) -> str:
         where = f" on {self.ip_addr}" if self.ip_addr else ""
         return f"<ClusterJob id={self.id!r} {self.status.value}{where}>"
+
+
+def _how_it_died(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def apply_report(job: ClusterJob, msg: "JobDone", *, ip_addr: str, node_id: str, hostname: str,
+                 where: str) -> tuple[JobStatus, Any, BaseException | None]:
+    """Fill the job's fields from a node's report; return its final status, result and exception.
+
+    The result and exception are unpickled here, on the client, from the worker's bytes.
+    """
+    job.ip_addr, job.node_id, job.hostname = ip_addr, node_id, hostname
+    job.start_time, job.end_time, job.cpu_time = msg.start_time, msg.end_time, msg.cpu_time
+    job.stdout = msg.stdout.decode("utf-8", "replace")
+    job.stderr = msg.stderr.decode("utf-8", "replace")
+    job.exit_code = msg.exit_code
+    if msg.status == "finished":
+        try:
+            return JobStatus.Finished, cloudpickle.loads(msg.result) if msg.result is not None else None, None
+        except Exception as exc:
+            return JobStatus.Terminated, None, JobError(
+                f"job {job.id!r} finished {where} but its result cannot be unpickled here: {exc!r}")
+    if msg.status in ("exception", "setup_failed"):
+        error: Any = None
+        if msg.exception is not None:
+            try:
+                error = cloudpickle.loads(msg.exception)
+            except Exception:
+                error = None
+        if not isinstance(error, BaseException):
+            prefix = "setup failed: " if msg.status == "setup_failed" else ""
+            error = JobError(f"{prefix}{msg.exc_type}: {msg.exc_message}")
+        error.__cause__ = RemoteTraceback(f'\n"""\nTraceback {where}:\n{msg.traceback or ""}"""')
+        return JobStatus.Terminated, None, error
+    if msg.status == "died":
+        return JobStatus.Terminated, None, WorkerDiedError(
+            f"the worker process running job {job.id!r} {where} died ({_how_it_died(msg.exit_code)}); "
+            "the node replaced it", msg.exit_code)
+    if msg.status == "terminated":
+        return JobStatus.Terminated, None, JobTerminatedError(msg.exc_message or f"job {job.id!r} was terminated {where}")
+    if msg.status == "cancelled":
+        return JobStatus.Cancelled, None, JobCancelledError(f"job {job.id!r} was cancelled")
+    return JobStatus.Terminated, None, JobError(f"job {job.id!r} ended {where} with unknown status {msg.status!r}")

@@ -28,6 +28,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .errors import ClusterError, ProtocolError
@@ -39,6 +40,7 @@ from .protocol import messages as m
 from .protocol.framing import DEFAULT_MAX_FRAME
 from .secret import load_secret
 from .transport.stream import accept
+from .transport.udp import discovery_options
 
 __all__ = ["NodeServer", "main"]
 
@@ -79,8 +81,22 @@ class NodeServer:
         zombie_interval: float = 60.0,
         result_lease: float = 3600.0,
         max_kept_bytes: int = 1 << 30,
+        max_file_size: int | None = None,
+        discovery: bool = True,
+        discovery_port: int | None = None,
+        advertise: str | None = None,
+        announce_interval: float = 60.0,
+        discovery_interfaces: str | list[str] | None = None,
+        cluster_name: str = "",
     ) -> None:
+        """Discovery (see clusterpy.transport.udp.DiscoveryResponder): answer on UDP
+        ``discovery_port`` (default: ``port``, or 9700 if ``port`` is 0) and announce on the
+        interfaces ``host`` covers; ``advertise`` is the address announced instead of ours."""
         self.secret = secret
+        self.discovery = None
+        self._discovery_opts = None if not discovery else dict(
+            port=discovery_port or port or DEFAULT_NODE_PORT, advertise=advertise, announce_interval=announce_interval,
+            interfaces=discovery_interfaces, cluster_name=cluster_name)
         self.host = host
         self.port = port
         self.cpus = cpus or os.cpu_count() or 1
@@ -107,6 +123,10 @@ class NodeServer:
         self._closed = asyncio.Event()
         self.jobs_done = 0
         self.clients_served = 0
+        self.max_file_size = max_file_size  # None: the FileStore's default
+        # --serve N: computations closed so far, and a callback told each time (the shell stops at N).
+        self.computations_closed = 0
+        self.on_computation_closed: Callable[[int], None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -114,12 +134,18 @@ class NodeServer:
         self.dest_path.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(self.kept_dir, ignore_errors=True)  # a previous incarnation's: nobody can claim them
         self.kept_dir.mkdir(mode=0o700)
-        self.store = FileStore(self.dest_path)
+        self.store = FileStore(self.dest_path, **({} if self.max_file_size is None else {"max_file_size": self.max_file_size}))
         await self.pool.start()
         self._server = await asyncio.start_server(self._on_connect, self.host, self.port, reuse_address=True)
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         self._spawn(self._watch_zombies())
+        if self._discovery_opts is not None:
+            from .transport.udp import DiscoveryResponder
+
+            self.discovery = DiscoveryResponder(self.secret, host=self.host, tcp_port=self.port, cpus=self.cpus,
+                                                node_id=self.node_id, **self._discovery_opts)
+            await self.discovery.start()
         log.info(
             "clusterpy-node %s listening on %s:%d with %d CPUs (node id %s, files in %s)",
             __version__, self.host, self.port, self.cpus, self.node_id[:12], self.dest_path,
@@ -129,6 +155,8 @@ class NodeServer:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self.discovery is not None:
+            await self.discovery.aclose()
         if self._server is not None:
             self._server.close()
         for session in list(self._sessions):
@@ -199,7 +227,24 @@ class NodeServer:
 
     def handle_other(self, session: ClientSession, msg: object) -> None:
         """Messages that are about the node rather than a computation."""
+        if isinstance(msg, m.StatusRequest):
+            session.send(self.status_reply(msg.sent))
+            return
         raise ProtocolError(f"unexpected message from a client: {type(msg).__name__}")
+
+    def status_reply(self, sent: float = 0.0) -> m.StatusReply:
+        """The node's state now, for ``clusterpy status`` (``sent`` is echoed back)."""
+        running = sum(1 for c in self.comps.values() for j in c.jobs.values() if j.task is not None and not j.task.done())
+        try:
+            load = os.getloadavg()
+        except OSError:  # not available on this platform
+            load = (0.0, 0.0, 0.0)
+        info = self.info()
+        return m.StatusReply(
+            sent, self.node_id, info["hostname"], __version__, self.cpus, running, self.cpus - self._slots,
+            len(self._run_queue), self.jobs_done, len(self._sessions), (load[0], load[1], load[2]),
+            time.time() - self.started_at,
+        )
 
     async def _watch_zombies(self) -> None:
         """A client that stops pulsing is gone, even if its TCP connection looks open."""
@@ -251,9 +296,13 @@ class NodeServer:
         comp.drop_kept()
         if comp.ready:
             await self.pool.remove_computation(comp.comp_id)
-        if not (keep_files or self.keep_files) and self.store is not None:
+        # A directory the client named (dest_path) is kept: it holds what the jobs wrote there.
+        if not (keep_files or self.keep_files or comp.deploy.dest_path) and self.store is not None:
             self.store.remove_computation(comp.comp_id)
         log.info("computation %s closed", comp.comp_id)
+        self.computations_closed += 1
+        if self.on_computation_closed is not None:
+            self.on_computation_closed(self.computations_closed)
 
     # ---------------------------------------------------------------- run queue
 
@@ -261,12 +310,22 @@ class NodeServer:
         self._run_queue.append(job)
         self._pump()
 
+    def _cpus_of(self, job: QueuedJob) -> int:
+        """CPU slots a job occupies: what it asked for, at most the whole node (then it runs alone)."""
+        return min(max(1, job.request.cpus), self.cpus)
+
     def _pump(self) -> None:
-        while self._slots > 0 and self._run_queue:
-            job = self._run_queue.popleft()
+        # Strict FIFO: a job that needs more free CPUs than there are waits at the head, so
+        # a stream of 1-CPU jobs cannot starve it.
+        while self._run_queue:
+            job = self._run_queue[0]
             if job.cancelled:
+                self._run_queue.popleft()
                 continue
-            self._slots -= 1
+            if self._cpus_of(job) > self._slots:
+                break
+            self._run_queue.popleft()
+            self._slots -= self._cpus_of(job)
             job.task = self._spawn(self._run(job))  # type: ignore[assignment]
 
     async def _run(self, job: QueuedJob) -> None:
@@ -281,7 +340,7 @@ class NodeServer:
         finally:
             if timer is not None:
                 timer.cancel()
-            self._slots += 1
+            self._slots += self._cpus_of(job)
             self._pump()
         self.jobs_done += 1
         await self._report(job, outcome)
@@ -348,8 +407,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-files", action="store_true", help="keep computations' files after their client closes")
     p.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME,
                    help="largest message accepted from an authenticated peer, in bytes")
+    p.add_argument("--zombie-interval", type=float, default=60.0,
+                   help="seconds without a pulse after which a client is treated as gone (default 60)")
+    p.add_argument("--result-lease", type=float, default=3600.0,
+                   help="seconds a gone client's jobs, results and files are kept for it to recover "
+                   "them with recover_jobs (default 3600)")
+    p.add_argument("--max-kept-bytes", type=int, default=1 << 30,
+                   help="disk budget for results kept for gone clients (default 1 GiB)")
     p.add_argument("--log-level", default=os.environ.get("CLUSTERPY_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default INFO)")
+    from .transport.udp import add_discovery_arguments
+
+    add_discovery_arguments(p)
     return p
 
 
@@ -357,6 +426,8 @@ async def _serve(args: argparse.Namespace, secret: bytes) -> None:
     node = NodeServer(
         secret=secret, host=args.host, port=args.port, cpus=args.cpus,
         dest_path=args.dest_path, keep_files=args.keep_files, max_frame=args.max_frame,
+        zombie_interval=args.zombie_interval, result_lease=args.result_lease, max_kept_bytes=args.max_kept_bytes,
+        **discovery_options(args),
     )
     await node.start()
     print(f"clusterpy-node listening on {node.host}:{node.port} cpus={node.cpus} id={node.node_id}", flush=True)

@@ -196,7 +196,9 @@ class ClientSession:
                 raise DependencyError(f"unknown computation kind {msg.kind!r}")
             for f in msg.files:
                 validate_name(f.name)
-            workdir = store.create_computation_dir(msg.comp_id)
+            if msg.dest_path is not None and any(c.workdir.name == msg.dest_path for c in self.node.comps.values()):
+                raise DependencyError(f"dest path {msg.dest_path!r} is in use by another computation on this node")
+            workdir = store.create_computation_dir(msg.dest_path or msg.comp_id)
         except DependencyError as exc:
             log.warning("refused computation %r from %s: %s", msg.comp_id, self.conn.peername, exc)
             self.send(m.ComputationFailed(msg.comp_id, str(exc)))

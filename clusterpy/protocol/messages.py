@@ -18,6 +18,9 @@ Flow for one computation::
       CancelJob ->
       CloseComputation ->
       Ping <-> Pong (either side; liveness)
+
+    StatusRequest ->                      (any time, with or without a computation)
+                                          <- StatusReply
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ __all__ = [
     "CloseComputation",
     "Ping",
     "Pong",
+    "StatusRequest",
+    "StatusReply",
     "Message",
     "MESSAGE_TYPES",
 ]
@@ -60,7 +65,9 @@ class FileMeta:
 @dataclass(frozen=True, slots=True)
 class DeployComputation:
     """Announce a computation. ``bundle`` is a cloudpickle blob for functions, ``program`` the
-    argv prefix (names relative to the computation directory) for standalone programs."""
+    argv prefix (names relative to the computation directory) for standalone programs.
+    ``dest_path``: a name (one path component) for the computation's directory under the
+    node's dest path instead of a private one; the node keeps it after the computation closes."""
 
     comp_id: str
     kind: str  # "function" | "program"
@@ -68,6 +75,7 @@ class DeployComputation:
     bundle: bytes | None
     program: tuple[str, ...] | None
     keep_files: bool = False
+    dest_path: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +109,7 @@ class JobRequest:
     attempt: int
     args: bytes  # cloudpickle of (args, kwargs)
     timeout: float | None = None
+    cpus: int = 1  # CPUs the job occupies on the node while it runs
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +193,33 @@ class Pong:
     sent: float
 
 
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """Ask a node how it is doing (``clusterpy status``); needs no computation."""
+
+    sent: float
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReply:
+    """A node's state now. ``busy``: jobs running; ``busy_cpus``: CPUs they occupy;
+    ``queued``: jobs waiting for a CPU; ``load``: the 1, 5 and 15 minute load averages;
+    ``uptime``: seconds since the node started."""
+
+    sent: float
+    node_id: str
+    hostname: str
+    version: str
+    cpus: int
+    busy: int
+    busy_cpus: int
+    queued: int
+    jobs_done: int
+    clients: int
+    load: tuple[float, float, float]
+    uptime: float
+
+
 Message = (
     DeployComputation
     | FilesNeeded
@@ -199,6 +235,8 @@ Message = (
     | CloseComputation
     | Ping
     | Pong
+    | StatusRequest
+    | StatusReply
 )
 
 # Everything the codec may construct while decoding; nothing else is ever looked up.
@@ -222,5 +260,7 @@ MESSAGE_TYPES: dict[str, type] = {
         CloseComputation,
         Ping,
         Pong,
+        StatusRequest,
+        StatusReply,
     )
 }
