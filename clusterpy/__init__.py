@@ -25,6 +25,7 @@ _LAZY = {
     "ClusterJob": "clusterpy.job",
     "JobStatus": "clusterpy.job",
     "recover_jobs": "clusterpy.recovery",
+    "SharedJobCluster": "clusterpy.shared",
 }
 
 __all__ = ["__version__", *_LAZY, *_errors_all]

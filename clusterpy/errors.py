@@ -15,6 +15,7 @@
         ├── WorkerDiedError       the worker process running the job died (exit code / signal)
         ├── JobTerminatedError    the job was stopped (timeout, cancel while running)
         ├── NodeLostError         the node holding the job was lost and the job was not resubmitted
+        │   └── SchedulerLostError  the shared scheduler holding the job was lost
         └── JobCancelledError     the job was cancelled before it ran
 
 An exception raised by the user's own computation is re-raised unchanged by ``job()``,
@@ -37,6 +38,7 @@ __all__ = [
     "WorkerDiedError",
     "JobTerminatedError",
     "NodeLostError",
+    "SchedulerLostError",
     "JobCancelledError",
     "RemoteTraceback",
 ]
@@ -96,6 +98,10 @@ class JobTerminatedError(JobError):
 
 class NodeLostError(JobError):
     """The node running or holding the job was lost, and the job was not resubmitted."""
+
+
+class SchedulerLostError(NodeLostError):
+    """The clusterpy-scheduler a SharedJobCluster used was lost; its unfinished jobs are abandoned."""
 
 
 class JobCancelledError(JobError):

@@ -227,6 +227,10 @@ class FileStore:
         self._discard(sha256)
         return False
 
+    def path_of(self, sha256: str) -> pathlib.Path | None:
+        """The cached object's path, for reading (a scheduler forwards it to nodes); None if absent."""
+        return self._object_path(sha256) if self.has(sha256) else None
+
     def begin(self, sha256: str, size: int) -> IncomingFile:
         """Start receiving a file; its ``size`` bytes count against the quota until it ends.
 

@@ -10,10 +10,12 @@ import cloudpickle
 
 from . import __version__
 
-__all__ = ["local_info", "DEFAULT_NODE_PORT"]
+__all__ = ["local_info", "DEFAULT_NODE_PORT", "DEFAULT_SCHEDULER_PORT"]
 
 #: TCP port of clusterpy-node (and its UDP discovery port).
 DEFAULT_NODE_PORT = 9700
+#: TCP port of clusterpy-scheduler.
+DEFAULT_SCHEDULER_PORT = 9702
 
 
 def local_info(**extra: object) -> dict[str, str]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator
 
 import cloudpickle
 
-from .errors import JobCancelledError, JobError, JobTerminatedError, RemoteTraceback, WorkerDiedError
+from .errors import JobCancelledError, JobError, JobTerminatedError, NodeLostError, RemoteTraceback, WorkerDiedError
 
 if TYPE_CHECKING:
     from .protocol.messages import JobDone
@@ -158,4 +158,6 @@ def apply_report(job: ClusterJob, msg: "JobDone", *, ip_addr: str, node_id: str,
         return JobStatus.Terminated, None, JobTerminatedError(msg.exc_message or f"job {job.id!r} was terminated {where}")
     if msg.status == "cancelled":
         return JobStatus.Cancelled, None, JobCancelledError(f"job {job.id!r} was cancelled")
+    if msg.status == "abandoned":
+        return JobStatus.Abandoned, None, NodeLostError(msg.exc_message or f"job {job.id!r} was abandoned {where}")
     return JobStatus.Terminated, None, JobError(f"job {job.id!r} ended {where} with unknown status {msg.status!r}")

@@ -122,7 +122,7 @@ async def _collect(comp_id: str, node: _NodeRecord, secret: bytes, journal: Jour
     where = f"{node.host}:{node.port}"
     try:
         conn = await connect(node.host, node.port, secret=secret, role="client", info=local_info(),
-                             expected_peer_roles=frozenset({"node"}))
+                             expected_peer_roles=frozenset({"node", "scheduler"}))
     except (ClusterError, OSError) as exc:
         abandon(f"node {where} cannot be reached to recover the job: {exc}")
         return

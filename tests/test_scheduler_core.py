@@ -200,3 +200,38 @@ def test_worker_death_fails_at_once_when_not_reentrant():
     core.handle(NodeJoined("a", 1))
     core.handle(JobSubmitted("j"))
     assert core.handle(JobReported("a", "j", 1, worker_died=True)) == [DeliverResult("j", 1)]
+
+
+def test_owners_share_slots_fairly():
+    """A client with 10 jobs is not starved behind one with 10,000 queued before it."""
+    core = SchedulerCore(prefetch=0)
+    for i in range(10_000):
+        core.handle(JobSubmitted(f"big{i}", owner="big"))
+    for i in range(10):
+        core.handle(JobSubmitted(f"small{i}", owner="small"))
+    actions = core.handle(NodeJoined("n", 2))
+    running = [j for _, (j, _) in dispatched(actions)]
+    order = []
+    for _ in range(40):
+        job_id = running.pop(0)
+        actions = core.handle(JobReported("n", job_id, 1))
+        order.append(job_id)
+        running += [j for _, (j, _) in dispatched(actions)]
+        core.validate()
+    small_done = [j for j in order if j.startswith("small")]
+    assert len(small_done) == 10  # all small jobs ran within the first 40 slots
+    assert core.queued() > 9000
+
+
+def test_fair_queue_round_robin_and_remove():
+    from clusterpy.core.scheduler import FairQueue
+
+    q = FairQueue()
+    for owner, n in (("a", 3), ("b", 1), ("c", 2)):
+        for i in range(n):
+            q.append(f"{owner}{i}", owner)
+    q.remove("c1", "c")
+    q.appendleft("b-moved", "b")
+    assert len(q) == 6
+    assert [q.popleft() for _ in range(6)] == ["a0", "b-moved", "c0", "a1", "b0", "a2"]
+    assert not q

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "DeliverResult",
     "ResolveJob",
     "SchedulerCore",
+    "FairQueue",
     "Event",
     "Action",
 ]
@@ -87,6 +89,7 @@ class JobSubmitted:
     job_id: str
     node_id: str | None = None  # pin to this node (submit_node)
     reentrant: bool | None = None  # None: the core's default
+    owner: str = ""  # whose job: queues are served round-robin across owners
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,11 +159,75 @@ Action = DispatchJobs | CancelOnNode | DeliverResult | ResolveJob
 # ---------------------------------------------------------------- state
 
 
+class FairQueue:
+    """Jobs waiting for any node, one FIFO per owner, served round-robin across owners.
+
+    With one owner this is a plain FIFO. With several (clients of a shared scheduler), each
+    free slot goes to the next owner in turn, so a client with 10 jobs is not starved behind
+    one with 10,000: every owner gets an equal share of dispatches while it has work.
+    """
+
+    def __init__(self) -> None:
+        self._by_owner: dict[str, deque[str]] = {}
+        self._turns: deque[str] = deque()  # owners with queued jobs, next to serve first
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __bool__(self) -> bool:
+        return self._size > 0
+
+    def __iter__(self) -> Iterator[str]:
+        for owner in self._turns:
+            yield from self._by_owner[owner]
+
+    def _queue_of(self, owner: str) -> deque[str]:
+        queue = self._by_owner.get(owner)
+        if queue is None:
+            queue = self._by_owner[owner] = deque()
+        if not queue:
+            self._turns.append(owner)
+        return queue
+
+    def append(self, job_id: str, owner: str) -> None:
+        self._queue_of(owner).append(job_id)
+        self._size += 1
+
+    def appendleft(self, job_id: str, owner: str) -> None:
+        """Put a job back at the head of its owner's queue (it was moved off a lost node)."""
+        self._queue_of(owner).appendleft(job_id)
+        self._size += 1
+
+    def popleft(self) -> str:
+        owner = self._turns.popleft()
+        queue = self._by_owner[owner]
+        job_id = queue.popleft()
+        self._size -= 1
+        if queue:
+            self._turns.append(owner)
+        else:
+            del self._by_owner[owner]
+        return job_id
+
+    def remove(self, job_id: str, owner: str) -> None:
+        queue = self._by_owner[owner]
+        queue.remove(job_id)
+        self._size -= 1
+        if not queue:
+            del self._by_owner[owner]
+            self._turns.remove(owner)
+
+    def owners(self) -> int:
+        return len(self._turns)
+
+
 @dataclass(slots=True)
 class _Job:
     job_id: str
     pinned: str | None
     reentrant: bool
+    owner: str = ""
     state: JobState = JobState.QUEUED
     node_id: str | None = None
     attempt: int = 0
@@ -194,7 +261,7 @@ class SchedulerCore:
         self.allowed_failures = allowed_failures
         self._jobs: dict[str, _Job] = {}
         self._nodes: dict[str, _Node] = {}
-        self._queue: deque[str] = deque()  # jobs any node may run, FIFO
+        self._queue = FairQueue()  # jobs any node may run
         self._free: deque[str] = deque()  # nodes with a free slot, round-robin
         self._in_free: set[str] = set()
 
@@ -213,6 +280,10 @@ class SchedulerCore:
     def pending(self) -> int:
         """Jobs not yet in a terminal state."""
         return len(self._jobs)
+
+    def jobs_of(self, owner: str) -> list[str]:
+        """Unfinished jobs of one owner (for a client that left: cancel them)."""
+        return [j.job_id for j in self._jobs.values() if j.owner == owner]
 
     def queued(self) -> int:
         return len(self._queue) + sum(len(n.pinned_queue) for n in self._nodes.values())
@@ -242,7 +313,7 @@ class SchedulerCore:
         if ev.job_id in self._jobs:
             raise ValueError(f"job {ev.job_id!r} was already submitted")
         reentrant = self.reentrant if ev.reentrant is None else ev.reentrant
-        job = _Job(ev.job_id, ev.node_id, reentrant)
+        job = _Job(ev.job_id, ev.node_id, reentrant, ev.owner)
         if ev.node_id is not None:
             node = self._nodes.get(ev.node_id)
             if node is None:
@@ -253,7 +324,7 @@ class SchedulerCore:
             node.pinned_queue.append(ev.job_id)
             return self._fill(node)
         self._jobs[ev.job_id] = job
-        self._queue.append(ev.job_id)
+        self._queue.append(ev.job_id, job.owner)
         if not self._free:
             return []
         node_id = self._free.popleft()
@@ -281,7 +352,7 @@ class SchedulerCore:
                     node.inflight.pop(job.job_id, None)
                 job.node_id = None
                 self._move(job, JobState.QUEUED)
-                self._queue.appendleft(job.job_id)
+                self._queue.appendleft(job.job_id, job.owner)
                 actions = self._place_queued()
                 if node is not None:
                     actions.extend(self._fill(node))
@@ -339,7 +410,8 @@ class SchedulerCore:
             self._finish(self._jobs[job_id], JobState.ABANDONED)
             actions.append(ResolveJob(job_id, JobState.ABANDONED, f"node {ev.node_id} it was submitted to was lost"))
         node.inflight.clear()
-        self._queue.extendleft(reversed(requeue))  # they waited long enough: run them next, in order
+        for job_id in reversed(requeue):  # they waited long enough: run them next, in order
+            self._queue.appendleft(job_id, self._jobs[job_id].owner)
         actions.extend(self._place_queued())  # moved jobs go to the nodes that have room
         return actions
 
@@ -351,7 +423,7 @@ class SchedulerCore:
             if job.pinned is not None and job.pinned in self._nodes:
                 self._nodes[job.pinned].pinned_queue.remove(job.job_id)
             else:
-                self._queue.remove(job.job_id)
+                self._queue.remove(job.job_id, job.owner)
             self._finish(job, JobState.CANCELLED)
             return [ResolveJob(job.job_id, JobState.CANCELLED, "cancelled before it started")]
         job.cancel_requested = True

@@ -1,0 +1,594 @@
+"""clusterpy-scheduler: many clients share one set of nodes (dispy's dispyscheduler).
+
+To a client (``SharedJobCluster``) the scheduler looks like one large node: it speaks the same
+messages (DeployComputation, SubmitJobs, JobDone, ...). Behind it, the scheduler owns the node
+links and places every client's jobs with the same :class:`~clusterpy.core.scheduler.SchedulerCore`
+that a ``JobCluster`` uses, with one queue per computation served round-robin (fairness)::
+
+    client sessions --SubmitJobs--> SchedulerCore (owner = computation) --DispatchJobs-->
+        deploy the computation on that node if needed (files from the scheduler's cache)
+        --SubmitJobs--> node --JobDone--> SchedulerCore --DeliverResult--> the owning client
+
+Each client's computation has its own id, files and directories on the nodes; a client sees,
+cancels and recovers only its own jobs. When a client vanishes its jobs go on and their results
+are kept (in memory, bounded) for ``result_lease`` seconds, for ``recover_jobs`` through the
+scheduler. The scheduler never unpickles user data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .core.scheduler import (
+    CancelOnNode,
+    CancelRequested,
+    DeliverResult,
+    DispatchJobs,
+    JobReported,
+    JobsStarted,
+    JobState,
+    JobSubmitted,
+    NodeJoined,
+    NodeLost,
+    ResolveJob,
+    SchedulerCore,
+)
+from .errors import ClusterError, ConnectionClosedError, DependencyError, ProtocolError
+from .filestore import FileStore, validate_name
+from .identity import DEFAULT_NODE_PORT, DEFAULT_SCHEDULER_PORT, local_info
+from .nodelink import DeploymentRefused, NodeLink, sources_from_store
+from .protocol import codec
+from .protocol import messages as m
+from .secret import load_secret
+from .transport.stream import Connection, accept
+
+__all__ = ["SchedulerServer", "main"]
+
+log = logging.getLogger("clusterpy.scheduler")
+
+
+@dataclass(eq=False)
+class _SharedComp:
+    comp_id: str
+    deploy: m.DeployComputation
+    owner: "_ClientSession | None" = None
+    ready: bool = False
+    incoming: dict[str, Any] = field(default_factory=dict)
+    deployed: dict[str, str] = field(default_factory=dict)  # node_id -> "deploying" | "ready"
+    waiting: dict[str, list[m.JobRequest]] = field(default_factory=dict)  # node_id -> jobs held for deployment
+    kept: list[object] = field(default_factory=list)  # reports for an absent client
+    kept_bytes: int = 0
+    lease: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class _SharedJob:
+    comp: _SharedComp
+    request: m.JobRequest  # as the client sent it (its attempt number)
+
+
+class SchedulerServer:
+    """The shared scheduler. ``async with SchedulerServer(...)`` or start()/aclose()."""
+
+    def __init__(
+        self,
+        *,
+        secret: bytes,
+        nodes: list[tuple[str, int]],
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_SCHEDULER_PORT,
+        dest_path: str | os.PathLike[str] | None = None,
+        pulse_interval: float = 2.0,
+        node_timeout: float | None = None,
+        zombie_interval: float = 60.0,
+        result_lease: float = 3600.0,
+        max_kept_bytes: int = 256 << 20,
+        client_window: int = 1024,
+        prefetch: int = 1,
+        allowed_failures: int = 3,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        self.secret = secret
+        self.node_addresses = nodes
+        self.host, self.port = host, port
+        self._own_dest = dest_path is None
+        self.dest_path = Path(dest_path) if dest_path else Path(tempfile.mkdtemp(prefix="clusterpy-scheduler-"))
+        self.pulse_interval = pulse_interval
+        self.node_timeout = node_timeout if node_timeout is not None else max(5 * pulse_interval, 3.0)
+        self.zombie_interval = zombie_interval
+        self.result_lease = result_lease
+        self.max_kept_bytes = max_kept_bytes
+        self.client_window = client_window
+        self.handshake_timeout = handshake_timeout
+        self.scheduler_id = uuid.uuid4().hex
+        self.core = SchedulerCore(prefetch=prefetch, allowed_failures=allowed_failures)
+        self.store: FileStore | None = None
+        self.links: list[NodeLink] = []
+        self.by_node: dict[str, NodeLink] = {}
+        self.comps: dict[str, _SharedComp] = {}
+        self.jobs: dict[str, _SharedJob] = {}
+        self.sessions: set[_ClientSession] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = asyncio.Event()
+        self._to_send: dict[tuple[str, str], list[m.JobRequest]] = {}
+        self._flush_scheduled = False
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self.dest_path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = FileStore(self.dest_path)
+        for host, port in self.node_addresses:
+            link = NodeLink(self, host, port, secret=self.secret, role="scheduler",
+                            reconnect_delay=min(1.0, self.pulse_interval))
+            self.links.append(link)
+            self._spawn(link.run())
+        self._server = await asyncio.start_server(self._on_connect, self.host, self.port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._spawn(self._pulse())
+        log.info("clusterpy-scheduler %s listening on %s:%d for %d nodes", __version__, self.host, self.port,
+                 len(self.node_addresses))
+
+    async def aclose(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        if self._server is not None:
+            self._server.close()
+        for session in list(self.sessions):
+            await session.conn.aclose()
+        for comp in list(self.comps.values()):
+            self.close_computation(comp)
+        for link in self.links:
+            await link.drain() if link.up else None
+            link.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._own_dest:
+            import shutil
+
+            shutil.rmtree(self.dest_path, ignore_errors=True)
+
+    async def __aenter__(self) -> "SchedulerServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def serve_forever(self) -> None:
+        await self._closed.wait()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _pulse(self) -> None:
+        while True:
+            await asyncio.sleep(self.pulse_interval)
+            now = time.monotonic()
+            for link in list(self.by_node.values()):
+                if now - link.last_heard > self.node_timeout:
+                    log.warning("node %s silent for %.1fs: declaring it lost", link.name, now - link.last_heard)
+                    link.declare_lost(f"no pulse for {now - link.last_heard:.1f}s")
+                else:
+                    link.send(m.Ping(time.time()))
+            for session in list(self.sessions):
+                if now - session.last_heard > self.zombie_interval:
+                    log.warning("client %s silent: treating it as gone", session.conn.peername)
+                    session.conn.close()
+
+    # ---------------------------------------------------------------- node links (LinkOwner)
+
+    def link_up(self, link: NodeLink) -> None:
+        assert link.node_id is not None
+        if link.node_id in self.by_node:
+            log.warning("node %s appears twice (same node id); ignoring %s", link.node_id[:12], link.name)
+            link.stop()
+            return
+        self.by_node[link.node_id] = link
+        log.info("node %s (%s, %d CPUs) joined", link.name, link.hostname, link.cpus)
+        self.execute(self.core.handle(NodeJoined(link.node_id, link.cpus)))
+
+    def link_down(self, link: NodeLink, reason: str) -> None:
+        if link.node_id is None or self.by_node.get(link.node_id) is not link:
+            return
+        del self.by_node[link.node_id]
+        log.warning("node %s lost: %s", link.name, reason)
+        for comp in self.comps.values():
+            comp.deployed.pop(link.node_id, None)
+            comp.waiting.pop(link.node_id, None)
+        self.execute(self.core.handle(NodeLost(link.node_id, reason)))
+
+    def link_refused(self, link: NodeLink, exc: BaseException) -> None:
+        log.error("node %s refused the scheduler: %s", link.name, exc)
+
+    def link_message(self, link: NodeLink, msg: object) -> None:
+        assert link.node_id is not None
+        if isinstance(msg, m.JobDone):
+            key = f"{msg.comp_id}/{msg.job_id}"
+            actions = self.core.handle(JobReported(link.node_id, key, msg.attempt, worker_died=msg.status == "died"))
+            if actions and isinstance(actions[0], DeliverResult):
+                job = self.jobs.pop(key, None)
+                if job is not None:
+                    self._to_client(job.comp, _with_attempt(msg, job.request.attempt))
+                actions = actions[1:]
+            self.execute(actions)
+        elif isinstance(msg, m.JobsStarted):
+            started = tuple((f"{msg.comp_id}/{s.job_id}", s.attempt) for s in msg.jobs)
+            self.core.handle(JobsStarted(link.node_id, started))
+            comp = self.comps.get(msg.comp_id)
+            if comp is not None:
+                client_view = tuple(m.JobStart(s.job_id, self.jobs[f"{msg.comp_id}/{s.job_id}"].request.attempt, s.start_time)
+                                    for s in msg.jobs if f"{msg.comp_id}/{s.job_id}" in self.jobs)
+                self._to_client(comp, m.JobsStarted(msg.comp_id, client_view))
+        elif not isinstance(msg, m.Pong):
+            log.debug("ignored %s from node %s", type(msg).__name__, link.name)
+
+    # ---------------------------------------------------------------- core actions
+
+    def execute(self, actions: list[Any]) -> None:
+        for action in actions:
+            if isinstance(action, DispatchJobs):
+                self._dispatch(action)
+            elif isinstance(action, ResolveJob):
+                job = self.jobs.pop(action.job_id, None)
+                if job is not None:
+                    status = "cancelled" if action.state is JobState.CANCELLED else "abandoned"
+                    now = time.time()
+                    self._to_client(job.comp, m.JobDone(
+                        job.comp.comp_id, job.request.job_id, job.request.attempt, status, None, None,
+                        "NodeLostError", action.reason, None, b"", b"", now, now, 0.0, None))
+            elif isinstance(action, CancelOnNode):
+                link = self.by_node.get(action.node_id)
+                job = self.jobs.get(action.job_id)
+                if link is not None and job is not None:
+                    self._flush()
+                    link.send(m.CancelJob(job.comp.comp_id, job.request.job_id, action.attempt))
+
+    def _dispatch(self, action: DispatchJobs) -> None:
+        link = self.by_node[action.node_id]
+        for key, attempt in action.jobs:
+            job = self.jobs[key]
+            comp = job.comp
+            request = m.JobRequest(job.request.job_id, attempt, job.request.args, job.request.timeout)
+            state = comp.deployed.get(action.node_id)
+            if state == "ready":
+                self._to_send.setdefault((action.node_id, comp.comp_id), []).append(request)
+            else:
+                comp.waiting.setdefault(action.node_id, []).append(request)
+                if state is None:
+                    comp.deployed[action.node_id] = "deploying"
+                    self._spawn(self._deploy(comp, link))
+        if self._to_send and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        for (node_id, comp_id), requests in self._to_send.items():
+            link = self.by_node.get(node_id)
+            if link is not None:
+                link.send(m.SubmitJobs(comp_id, tuple(requests)))
+        self._to_send.clear()
+
+    async def _deploy(self, comp: _SharedComp, link: NodeLink) -> None:
+        node_id = link.node_id
+        assert node_id is not None and self.store is not None
+        try:
+            await link.deploy(comp.deploy, sources_from_store(self.store, comp.deploy.files))
+        except DeploymentRefused as exc:
+            # The computation cannot run there: its held jobs fail, visibly, with the node's reason.
+            held = comp.waiting.pop(node_id, [])
+            comp.deployed.pop(node_id, None)
+            for request in held:
+                key = f"{comp.comp_id}/{request.job_id}"
+                now = time.time()
+                report = m.JobDone(comp.comp_id, request.job_id, request.attempt, "setup_failed", None, None,
+                                   "DependencyError", str(exc), None, b"", b"", now, now, 0.0, None)
+                if key in self.jobs:
+                    self.link_message(link, report)
+            return
+        except ClusterError:
+            return  # the link went down: link_down moves or abandons the held jobs
+        if comp.deployed.get(node_id) == "deploying" and self.comps.get(comp.comp_id) is comp:
+            comp.deployed[node_id] = "ready"
+            held = comp.waiting.pop(node_id, [])
+            if held:
+                link.send(m.SubmitJobs(comp.comp_id, tuple(held)))
+
+    def _to_client(self, comp: _SharedComp, message: object) -> None:
+        owner = comp.owner
+        if owner is not None and not owner.conn.closed:
+            owner.send(message)
+        elif isinstance(message, m.JobDone):
+            size = len(message.result or b"") + len(message.stdout) + len(message.stderr)
+            if sum(c.kept_bytes for c in self.comps.values()) + size > self.max_kept_bytes:
+                log.warning("kept-results budget full: dropping the result of job %s", message.job_id)
+                message = _with_attempt(message, message.attempt, dropped=True)
+                size = 0
+            comp.kept.append(message)
+            comp.kept_bytes += size
+
+    # ---------------------------------------------------------------- computations
+
+    def close_computation(self, comp: _SharedComp) -> None:
+        if self.comps.get(comp.comp_id) is not comp:
+            return
+        del self.comps[comp.comp_id]
+        if comp.lease is not None:
+            comp.lease.cancel()
+        for key in self.core.jobs_of(comp.comp_id):
+            self.execute(self.core.handle(CancelRequested(key)))
+        for node_id in comp.deployed:
+            link = self.by_node.get(node_id)
+            if link is not None:
+                link.send(m.CloseComputation(comp.comp_id, comp.deploy.keep_files))
+        for incoming in comp.incoming.values():
+            incoming.abort()
+        for key in [k for k, j in self.jobs.items() if j.comp is comp]:
+            del self.jobs[key]
+        log.info("computation %s closed", comp.comp_id)
+
+    def orphan(self, comp: _SharedComp) -> None:
+        comp.owner = None
+        if not comp.ready:
+            self.close_computation(comp)
+            return
+        loop = asyncio.get_running_loop()
+        comp.lease = loop.call_later(self.result_lease, self._lease_ended, comp)
+
+    def _lease_ended(self, comp: _SharedComp) -> None:
+        if comp.owner is None:
+            log.info("lease of computation %s ended", comp.comp_id)
+            self.close_computation(comp)
+
+    # ---------------------------------------------------------------- clients
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            conn = await accept(reader, writer, secret=self.secret, role="scheduler",
+                                info=local_info(node_id=self.scheduler_id, cpus=self.client_window),
+                                expected_peer_roles=frozenset({"client"}), handshake_timeout=self.handshake_timeout)
+        except (ClusterError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("refused connection from %s: %s", writer.get_extra_info("peername"), exc)
+            return
+        session = _ClientSession(self, conn)
+        self.sessions.add(session)
+        try:
+            await session.serve()
+        finally:
+            self.sessions.discard(session)
+
+
+class _ClientSession:
+    def __init__(self, sched: SchedulerServer, conn: Connection) -> None:
+        self.sched = sched
+        self.conn = conn
+        self.comps: dict[str, _SharedComp] = {}
+        self.last_heard = time.monotonic()
+
+    def send(self, message: object) -> None:
+        if not self.conn.closed:
+            self.conn.send(codec.encode(message))
+
+    async def serve(self) -> None:
+        reason = "client disconnected"
+        try:
+            while True:
+                payload = await self.conn.recv()
+                self.last_heard = time.monotonic()
+                self._handle(codec.decode(payload))
+                await self.conn.drain()
+        except ConnectionClosedError:
+            pass
+        except (ProtocolError, OSError) as exc:
+            reason = str(exc)
+            log.warning("closing connection from %s: %s", self.conn.peername, exc)
+        log.info("client %s gone: %s", self.conn.peername, reason)
+        for comp in list(self.comps.values()):
+            if comp.owner is self:
+                self.sched.orphan(comp)
+        await self.conn.aclose()
+
+    def _handle(self, msg: object) -> None:
+        sched = self.sched
+        if isinstance(msg, m.SubmitJobs):
+            comp = self.comps.get(msg.comp_id)
+            if comp is None or not comp.ready:
+                raise ProtocolError(f"jobs for computation {msg.comp_id!r} that is not ready")
+            for request in msg.jobs:
+                key = f"{comp.comp_id}/{request.job_id}"
+                if key in sched.jobs:
+                    continue
+                sched.jobs[key] = _SharedJob(comp, request)
+                sched.execute(sched.core.handle(JobSubmitted(key, reentrant=comp.deploy.reentrant, owner=comp.comp_id)))
+        elif isinstance(msg, m.Ping):
+            self.send(m.Pong(msg.sent))
+        elif isinstance(msg, m.DeployComputation):
+            self._on_deploy(msg)
+        elif isinstance(msg, m.FileChunk):
+            self._on_chunk(msg)
+        elif isinstance(msg, m.CancelJob):
+            if msg.comp_id in self.comps:
+                sched.execute(sched.core.handle(CancelRequested(f"{msg.comp_id}/{msg.job_id}")))
+        elif isinstance(msg, m.CloseComputation):
+            comp = self.comps.pop(msg.comp_id, None)
+            if comp is not None:
+                sched.close_computation(comp)
+        elif isinstance(msg, m.AttachComputation):
+            comp = sched.comps.get(msg.comp_id)
+            if comp is None or not comp.ready:
+                self.send(m.ComputationFailed(msg.comp_id, "the scheduler does not have that computation"))
+                return
+            self._attach(comp)
+            pending = tuple((j.request.job_id, j.request.attempt) for j in sched.jobs.values() if j.comp is comp)
+            self.send(m.Attached(comp.comp_id, pending, len(comp.kept)))
+            self._send_kept(comp)
+        elif not isinstance(msg, m.Pong):
+            raise ProtocolError(f"unexpected message from a client: {type(msg).__name__}")
+
+    def _attach(self, comp: _SharedComp) -> None:
+        if comp.lease is not None:
+            comp.lease.cancel()
+            comp.lease = None
+        if comp.owner is not None and comp.owner is not self:
+            comp.owner.comps.pop(comp.comp_id, None)
+        comp.owner = self
+        self.comps[comp.comp_id] = comp
+
+    def _send_kept(self, comp: _SharedComp) -> None:
+        kept, comp.kept, comp.kept_bytes = comp.kept, [], 0
+        for message in kept:
+            self.send(message)
+
+    def _on_deploy(self, msg: m.DeployComputation) -> None:
+        sched = self.sched
+        assert sched.store is not None
+        existing = sched.comps.get(msg.comp_id)
+        if existing is not None and existing.ready:
+            self.send(m.FilesNeeded(msg.comp_id, ()))
+            self._attach(existing)
+            self.send(m.ComputationReady(msg.comp_id))
+            self._send_kept(existing)
+            return
+        if existing is not None:
+            raise ProtocolError(f"computation {msg.comp_id!r} is already being deployed")
+        try:
+            for f in msg.files:
+                validate_name(f.name)
+            missing = sorted({f.sha256 for f in msg.files if not sched.store.has(f.sha256)})
+            sizes = {f.sha256: f.size for f in msg.files}
+            comp = _SharedComp(msg.comp_id, msg)
+            for sha in missing:
+                comp.incoming[sha] = sched.store.begin(sha, sizes[sha])
+        except DependencyError as exc:
+            log.warning("refused computation %r: %s", msg.comp_id, exc)
+            self.send(m.ComputationFailed(msg.comp_id, str(exc)))
+            return
+        sched.comps[msg.comp_id] = comp
+        self._attach(comp)
+        self.send(m.FilesNeeded(msg.comp_id, tuple(missing)))
+        if not missing:
+            self._ready(comp)
+
+    def _on_chunk(self, msg: m.FileChunk) -> None:
+        comp = self.comps.get(msg.comp_id)
+        incoming = comp.incoming.get(msg.sha256) if comp is not None else None
+        if comp is None or incoming is None:
+            raise ProtocolError(f"unexpected file data for computation {msg.comp_id!r}")
+        try:
+            incoming.write(msg.data)
+            if msg.last:
+                incoming.finish()
+                del comp.incoming[msg.sha256]
+                if not comp.incoming:
+                    self._ready(comp)
+        except DependencyError as exc:
+            for other in comp.incoming.values():
+                other.abort()
+            self.comps.pop(comp.comp_id, None)
+            self.sched.comps.pop(comp.comp_id, None)
+            self.send(m.ComputationFailed(comp.comp_id, str(exc)))
+
+    def _ready(self, comp: _SharedComp) -> None:
+        comp.ready = True
+        log.info("computation %s from %s ready", comp.comp_id, self.conn.peername)
+        self.send(m.ComputationReady(comp.comp_id))
+
+
+def _with_attempt(msg: m.JobDone, attempt: int, *, dropped: bool = False) -> m.JobDone:
+    if dropped:
+        return m.JobDone(msg.comp_id, msg.job_id, attempt, "exception", None, None, "ResultDropped",
+                         "the scheduler's budget for kept results was full; the result was dropped", None,
+                         b"", b"", msg.start_time, msg.end_time, msg.cpu_time, msg.exit_code)
+    return m.JobDone(msg.comp_id, msg.job_id, attempt, msg.status, msg.result, msg.exception, msg.exc_type,
+                     msg.exc_message, msg.traceback, msg.stdout, msg.stderr, msg.start_time, msg.end_time,
+                     msg.cpu_time, msg.exit_code)
+
+
+# -------------------------------------------------------------------- command line
+
+
+def _address(spec: str) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    if sep and port.isdigit():
+        return host, int(port)
+    return spec, DEFAULT_NODE_PORT
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="clusterpy-scheduler",
+        description="Share clusterpy nodes among many clients (SharedJobCluster).",
+        epilog="The secret comes from --secret-file, CLUSTERPY_SECRET, CLUSTERPY_SECRET_FILE, or the per-user file.",
+    )
+    p.add_argument("--host", default=os.environ.get("CLUSTERPY_SCHEDULER_HOST", "127.0.0.1"),
+                   help="address to listen on for clients (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("CLUSTERPY_SCHEDULER_PORT", DEFAULT_SCHEDULER_PORT)),
+                   help=f"TCP port for clients (default {DEFAULT_SCHEDULER_PORT}; 0 picks a free port)")
+    p.add_argument("-n", "--nodes", action="append", default=[], metavar="HOST[:PORT]",
+                   help="a node to use (repeat for several)")
+    p.add_argument("--secret-file", default=None, help="file holding the cluster secret")
+    p.add_argument("--dest-path", default=None, help="directory for the clients' files (default: a temporary one)")
+    p.add_argument("--pulse-interval", type=float, default=2.0, help="seconds between pings to each node (default 2)")
+    p.add_argument("--node-timeout", type=float, default=None, help="a node silent this long is lost (default 5 pulses)")
+    p.add_argument("--zombie-interval", type=float, default=60.0, help="a client silent this long is gone (default 60)")
+    p.add_argument("--result-lease", type=float, default=3600.0,
+                   help="seconds a gone client's jobs and results are kept for recover_jobs (default 3600)")
+    p.add_argument("--log-level", default=os.environ.get("CLUSTERPY_LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default INFO)")
+    return p
+
+
+async def _serve(args: argparse.Namespace, secret: bytes) -> None:
+    sched = SchedulerServer(secret=secret, nodes=[_address(n) for n in args.nodes], host=args.host, port=args.port,
+                            dest_path=args.dest_path, pulse_interval=args.pulse_interval,
+                            node_timeout=args.node_timeout, zombie_interval=args.zombie_interval,
+                            result_lease=args.result_lease)
+    await sched.start()
+    print(f"clusterpy-scheduler listening on {sched.host}:{sched.port} id={sched.scheduler_id}", flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(sched.aclose()))
+    await sched.serve_forever()
+    await sched.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.nodes:
+        build_parser().error("give at least one node with --nodes HOST[:PORT]")
+    try:
+        secret = load_secret(secret_file=args.secret_file)
+        asyncio.run(_serve(args, secret))
+    except ClusterError as exc:
+        print(f"clusterpy-scheduler: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"clusterpy-scheduler: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

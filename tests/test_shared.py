@@ -1,0 +1,189 @@
+"""SharedJobCluster and clusterpy-scheduler: real daemons on loopback, several clients at once."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import clusterpy
+from clusterpy import JobStatus, SharedJobCluster
+from clusterpy.errors import SchedulerLostError
+
+from .conftest import wait_until
+
+
+class SchedulerProcess:
+    def __init__(self, tmp, nodes, extra=()):
+        self.log_path = tmp / f"scheduler-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")
+        cmd = [sys.executable, "-m", "clusterpy.scheduler", "--port", "0", "--log-level", "DEBUG",
+               "--pulse-interval", "0.2", *[a for n in nodes for a in ("-n", n.address)], *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, cwd=tmp)
+        line = self.proc.stdout.readline().decode()
+        match = re.search(r"listening on ([\d.]+):(\d+)", line)
+        if not match:
+            self.stop()
+            raise RuntimeError(f"scheduler did not start: {line!r}\n{self.log_path.read_text()}")
+        self.address = f"{match[1]}:{match[2]}"
+
+    def log(self):
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_scheduler(tmp_path):
+    started = []
+
+    def start(nodes, extra=()):
+        s = SchedulerProcess(tmp_path, nodes, extra)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+def square(x):
+    import time
+
+    time.sleep(0.02)
+    return x * x
+
+
+def test_two_clients_share_nodes_and_see_only_their_jobs(start_node, start_scheduler):
+    nodes = [start_node(cpus=2), start_node(cpus=2)]
+    sched = start_scheduler(nodes)
+    results = {}
+
+    def client(name, offset):
+        with SharedJobCluster(lambda x: (name, x + offset), sched.address, pulse_interval=0.5) as cluster:
+            jobs = [cluster.submit(i) for i in range(40)]
+            results[name] = [job() for job in jobs]
+            results[name + "-nodes"] = {job.ip_addr for job in jobs}
+
+    threads = [threading.Thread(target=client, args=(n, o)) for n, o in (("a", 0), ("b", 1000))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results["a"] == [("a", i) for i in range(40)]
+    assert results["b"] == [("b", i + 1000) for i in range(40)]
+    assert "computation" in sched.log()
+
+
+def test_small_client_is_not_starved_behind_a_big_one(start_node, start_scheduler):
+    node = start_node(cpus=2)
+    sched = start_scheduler([node])
+
+    def sleeper(x):
+        import time
+
+        time.sleep(x)
+        return x
+
+    with SharedJobCluster(sleeper, sched.address) as big:
+        big_jobs = [big.submit(0.05) for _ in range(300)]  # 7.5 s of work on 2 CPUs
+        wait_until(lambda: any(j.status is JobStatus.Running for j in big_jobs))
+        with SharedJobCluster(sleeper, sched.address) as small:
+            start = time.monotonic()
+            small_jobs = [small.submit(0.05) for _ in range(10)]
+            assert [j(30) for j in small_jobs] == [0.05] * 10
+            waited = time.monotonic() - start
+        unfinished = sum(not j.done() for j in big_jobs)
+        assert waited < 3.0, waited  # FIFO would take ~7.5 s
+        assert unfinished > 100  # the big client was still running when the small one was done
+        for job in big_jobs:
+            big.cancel(job)
+
+
+def test_node_loss_behind_the_scheduler_is_handled(start_node, start_scheduler):
+    a, b = start_node(cpus=2), start_node(cpus=2)
+    sched = start_scheduler([a, b])
+    with SharedJobCluster(square, sched.address, reentrant=True) as cluster:
+        jobs = [cluster.submit(i) for i in range(120)]
+        wait_until(lambda: sum(j.done() for j in jobs) >= 20)
+        a.stop(signal.SIGKILL)
+        assert [j(60) for j in jobs] == [i * i for i in range(120)]
+
+
+def test_scheduler_death_gives_scheduler_lost_error(start_node, start_scheduler):
+    node = start_node(cpus=1)
+    sched = start_scheduler([node])
+
+    def sleeper(x):
+        import time
+
+        time.sleep(x)
+
+    with SharedJobCluster(sleeper, sched.address, pulse_interval=0.2) as cluster:
+        job = cluster.submit(30)
+        wait_until(lambda: job.status is JobStatus.Running)
+        sched.stop(signal.SIGKILL)
+        with pytest.raises(SchedulerLostError):
+            job(20)
+        assert job.status is JobStatus.Abandoned
+
+
+def test_bad_computation_of_one_client_does_not_disturb_another(start_node, start_scheduler, tmp_path):
+    node = start_node(cpus=2)
+    sched = start_scheduler([node])
+
+    def crash(x):
+        import os
+
+        os._exit(3)
+
+    with SharedJobCluster(crash, sched.address) as bad, SharedJobCluster(square, sched.address) as good:
+        bad_jobs = [bad.submit(i) for i in range(4)]
+        good_jobs = [good.submit(i) for i in range(10)]
+        assert [j() for j in good_jobs] == [i * i for i in range(10)]
+        for job in bad_jobs:
+            with pytest.raises(clusterpy.WorkerDiedError):
+                job(30)
+
+
+def test_client_crash_recovered_through_the_scheduler(start_node, start_scheduler, tmp_path):
+    node = start_node(cpus=2)
+    sched = start_scheduler([node])
+    journal = tmp_path / "shared.journal"
+    script = tmp_path / "client.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys, time
+        import clusterpy
+
+        def work(x):
+            import time
+            time.sleep(0.5)
+            return x + 100
+
+        cluster = clusterpy.SharedJobCluster(work, sys.argv[1], recover_file=sys.argv[2])
+        jobs = [cluster.submit(i) for i in range(6)]
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """))
+    out = subprocess.run([sys.executable, str(script), sched.address, str(journal)], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    jobs = clusterpy.recover_jobs(journal, timeout=60)
+    assert [j.result for j in jobs] == [i + 100 for i in range(6)]
+    assert all(j.status is JobStatus.Finished for j in jobs)
