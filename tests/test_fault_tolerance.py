@@ -256,3 +256,13 @@ def test_vanished_clients_files_are_removed_when_the_lease_ends(start_node, tmp_
         proc.wait()
     with clusterpy.JobCluster(abs, nodes=[node.address]) as cluster:
         assert cluster.submit(-5)() == 5
+
+
+def test_recover_example(node):
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "recover.py"), node.address],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "client died with signal 9" in out.stdout
+    results = [line for line in out.stdout.splitlines() if "result=" in line]
+    assert sum("Finished result=" in line for line in results) >= 2
+    assert all("result=None" not in line or "Created" in line for line in results)

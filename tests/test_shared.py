@@ -187,3 +187,13 @@ def test_client_crash_recovered_through_the_scheduler(start_node, start_schedule
     jobs = clusterpy.recover_jobs(journal, timeout=60)
     assert [j.result for j in jobs] == [i + 100 for i in range(6)]
     assert all(j.status is JobStatus.Finished for j in jobs)
+
+
+def test_shared_cluster_example(start_node, start_scheduler):
+    from .conftest import REPO
+
+    sched = start_scheduler([start_node(cpus=2)])
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "shared_cluster.py"), sched.address],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("computed by worker") == 20
