@@ -19,17 +19,30 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator, Protocol
 
 from .errors import ConnectionClosedError, DependencyError, ProtocolError
-from .filestore import validate_name
-from .pool import ComputationSpec, JobOutcome
+from .filestore import FileStore, validate_name
+from .pool import ComputationSpec, JobOutcome, WorkerPool
 from .protocol import codec
 from .protocol import messages as m
 from .transport.stream import Connection
 
-if TYPE_CHECKING:
-    from .node import NodeServer
+
+
+class NodeServices(Protocol):
+    """What a session needs from its node (implemented by clusterpy.node.NodeServer)."""
+
+    comps: dict[str, "Computation"]
+    store: FileStore | None
+    pool: WorkerPool
+    kept_dir: Path
+
+    def enqueue(self, job: "QueuedJob") -> None: ...
+    async def cancel(self, job: "QueuedJob") -> None: ...
+    async def close_computation(self, comp: "Computation", *, keep_files: bool) -> None: ...
+    def orphan(self, comp: "Computation") -> None: ...
+    def handle_other(self, session: "ClientSession", msg: object) -> None: ...
 
 __all__ = ["QueuedJob", "Computation", "ClientSession"]
 
@@ -102,7 +115,7 @@ class Computation:
 class ClientSession:
     """One authenticated client connection and the computations it owns."""
 
-    def __init__(self, node: "NodeServer", conn: Connection) -> None:
+    def __init__(self, node: NodeServices, conn: Connection) -> None:
         self.node = node
         self.conn = conn
         self.comps: dict[str, Computation] = {}

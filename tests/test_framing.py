@@ -171,11 +171,13 @@ def test_cap_can_be_raised_after_authentication():
 
 
 PROTOCOL_DIR = pathlib.Path(clusterpy.protocol.__file__).parent
-FORBIDDEN = {"asyncio", "socket", "ssl", "time", "os", "random", "secrets"}
+CORE_DIR = PROTOCOL_DIR.parent / "core"
+FORBIDDEN = {"asyncio", "socket", "ssl", "time", "os", "random", "secrets", "threading", "subprocess"}
 
 
-@pytest.mark.parametrize("path", sorted(PROTOCOL_DIR.glob("*.py")), ids=lambda p: p.name)
-def test_protocol_modules_do_no_io(path):
+@pytest.mark.parametrize("path", sorted([*PROTOCOL_DIR.glob("*.py"), *CORE_DIR.glob("*.py")]),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_protocol_and_core_modules_do_no_io(path):
     tree = ast.parse(path.read_text())
     imported = set()
     for node in ast.walk(tree):
