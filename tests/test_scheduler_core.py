@@ -13,6 +13,7 @@ from clusterpy.core.scheduler import (
     JobsStarted,
     JobState,
     JobSubmitted,
+    NodeDistrusted,
     NodeJoined,
     NodeLost,
     ResolveJob,
@@ -224,7 +225,7 @@ def test_owners_share_slots_fairly():
 
 
 def test_fair_queue_round_robin_and_remove():
-    from clusterpy.core.scheduler import FairQueue
+    from clusterpy.core.fairqueue import FairQueue
 
     q = FairQueue()
     for owner, n in (("a", 3), ("b", 1), ("c", 2)):
@@ -235,3 +236,76 @@ def test_fair_queue_round_robin_and_remove():
     assert len(q) == 6
     assert [q.popleft() for _ in range(6)] == ["a0", "b-moved", "c0", "a1", "b0", "a2"]
     assert not q
+
+
+def test_excluded_node_is_passed_over_and_job_waits_for_another():
+    core = SchedulerCore(prefetch=0)
+    core.handle(NodeJoined("bad", 1))
+    assert core.handle(JobSubmitted("j", exclude=frozenset({"bad"}), first_attempt=4)) == []
+    core.handle(JobSubmitted("k"))  # an unconstrained job behind it still gets the free slot
+    assert core.node_of("k") == "bad"
+    core.validate()
+    actions = core.handle(NodeJoined("good", 1))
+    assert dispatched(actions) == [("good", ("j", 5))]  # attempts continue after first_attempt
+    core.validate()
+
+
+def test_replicas_of_a_group_run_on_distinct_nodes():
+    core = SchedulerCore(prefetch=1)
+    for n in ("a", "b", "c"):
+        core.handle(NodeJoined(n, 2))
+    placed = []
+    for i in range(3):
+        placed += dispatched(core.handle(JobSubmitted(f"r{i}", group="g")))
+    assert sorted(n for n, _ in placed) == ["a", "b", "c"]
+    assert dispatched(core.handle(JobSubmitted("r3", group="g"))) == []  # a 4th replica has nowhere to go
+    core.validate()
+    core.handle(NodeJoined("d", 1))
+    assert core.node_of("r3") == "d"
+
+
+def test_distrusted_node_gets_no_more_jobs():
+    core = SchedulerCore(prefetch=0)
+    core.handle(NodeJoined("liar", 1))
+    core.handle(NodeJoined("honest", 1))
+    core.handle(JobSubmitted("j1"))
+    core.handle(JobSubmitted("j2"))
+    liar_job = "j1" if core.node_of("j1") == "liar" else "j2"
+    assert core.handle(NodeDistrusted("liar", "wrong result")) == []
+    assert core.distrusted("liar")
+    actions = core.handle(JobReported("liar", liar_job, 1))
+    assert actions == [DeliverResult(liar_job, 1)]  # its running job still reports, but no refill
+    for i in range(3):
+        core.handle(JobSubmitted(f"later{i}"))
+    assert core.inflight("liar") == 0
+    core.validate()
+
+
+def test_faster_nodes_are_preferred_and_speed_is_learned():
+    core = SchedulerCore(prefetch=0)
+    core.handle(NodeJoined("slow", 1, speed=1.0))
+    core.handle(NodeJoined("fast", 1, speed=3.0))
+    assert dispatched(core.handle(JobSubmitted("j1")))[0][0] == "fast"
+    assert dispatched(core.handle(JobSubmitted("j2")))[0][0] == "slow"
+    # The "fast" node turns out slow in practice and the other fast: preference follows.
+    core.handle(JobReported("fast", "j1", 1, duration=9.0))
+    core.handle(JobReported("slow", "j2", 1, duration=0.5))
+    assert core.speeds.speed("slow") > core.speeds.speed("fast")
+    assert dispatched(core.handle(JobSubmitted("j3")))[0][0] == "slow"
+    core.validate()
+
+
+def test_free_nodes_heap_round_robins_equal_speeds():
+    from clusterpy.core.placement import FreeNodes
+
+    free = FreeNodes()
+    for n in "abc":
+        free.add(n, 1.0)
+    order = []
+    for _ in range(6):
+        n = free.pop()
+        order.append(n)
+        free.add(n, 1.0)
+    assert order == list("abcabc")
+    free.discard("a")
+    assert len(free) == 2 and "a" not in free

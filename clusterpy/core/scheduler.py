@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from .fairqueue import FairQueue
+from .placement import FreeNodes, SpeedModel
 
 __all__ = [
     "JobState",
@@ -34,12 +36,12 @@ __all__ = [
     "JobsStarted",
     "JobReported",
     "CancelRequested",
+    "NodeDistrusted",
     "DispatchJobs",
     "CancelOnNode",
     "DeliverResult",
     "ResolveJob",
     "SchedulerCore",
-    "FairQueue",
     "Event",
     "Action",
 ]
@@ -72,10 +74,14 @@ _TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 @dataclass(frozen=True, slots=True)
 class NodeJoined:
-    """A node is connected and its computation is deployed: it can take jobs."""
+    """A node is connected and its computation is deployed: it can take jobs.
+
+    ``speed``: its benchmark score (higher is faster); free slots on faster nodes are filled first.
+    """
 
     node_id: str
     cpus: int
+    speed: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +92,21 @@ class NodeLost:
 
 @dataclass(frozen=True, slots=True)
 class JobSubmitted:
+    """A job to place.
+
+    ``group``: jobs of one group never run on the same node (replicas of one job that vote);
+    ``exclude``: nodes this job must not run on (a node whose result failed verification);
+    ``first_attempt``: attempts are numbered after it (a job submitted again after its earlier
+    attempts ended keeps its attempt numbers unique, so a late report is never mistaken).
+    """
+
     job_id: str
     node_id: str | None = None  # pin to this node (submit_node)
     reentrant: bool | None = None  # None: the core's default
     owner: str = ""  # whose job: queues are served round-robin across owners
+    group: str | None = None
+    exclude: frozenset[str] = frozenset()
+    first_attempt: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +127,7 @@ class JobReported:
     job_id: str
     attempt: int
     worker_died: bool = False
+    duration: float | None = None  # wall time of the job on the node, to learn its speed
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +135,15 @@ class CancelRequested:
     job_id: str
 
 
-Event = NodeJoined | NodeLost | JobSubmitted | JobsStarted | JobReported | CancelRequested
+@dataclass(frozen=True, slots=True)
+class NodeDistrusted:
+    """The node returned a wrong result: it gets no more jobs (those it runs go on)."""
+
+    node_id: str
+    reason: str
+
+
+Event = NodeJoined | NodeLost | JobSubmitted | JobsStarted | JobReported | CancelRequested | NodeDistrusted
 
 
 # ---------------------------------------------------------------- actions (commands)
@@ -159,75 +185,14 @@ Action = DispatchJobs | CancelOnNode | DeliverResult | ResolveJob
 # ---------------------------------------------------------------- state
 
 
-class FairQueue:
-    """Jobs waiting for any node, one FIFO per owner, served round-robin across owners.
-
-    With one owner this is a plain FIFO. With several (clients of a shared scheduler), each
-    free slot goes to the next owner in turn, so a client with 10 jobs is not starved behind
-    one with 10,000: every owner gets an equal share of dispatches while it has work.
-    """
-
-    def __init__(self) -> None:
-        self._by_owner: dict[str, deque[str]] = {}
-        self._turns: deque[str] = deque()  # owners with queued jobs, next to serve first
-        self._size = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __bool__(self) -> bool:
-        return self._size > 0
-
-    def __iter__(self) -> Iterator[str]:
-        for owner in self._turns:
-            yield from self._by_owner[owner]
-
-    def _queue_of(self, owner: str) -> deque[str]:
-        queue = self._by_owner.get(owner)
-        if queue is None:
-            queue = self._by_owner[owner] = deque()
-        if not queue:
-            self._turns.append(owner)
-        return queue
-
-    def append(self, job_id: str, owner: str) -> None:
-        self._queue_of(owner).append(job_id)
-        self._size += 1
-
-    def appendleft(self, job_id: str, owner: str) -> None:
-        """Put a job back at the head of its owner's queue (it was moved off a lost node)."""
-        self._queue_of(owner).appendleft(job_id)
-        self._size += 1
-
-    def popleft(self) -> str:
-        owner = self._turns.popleft()
-        queue = self._by_owner[owner]
-        job_id = queue.popleft()
-        self._size -= 1
-        if queue:
-            self._turns.append(owner)
-        else:
-            del self._by_owner[owner]
-        return job_id
-
-    def remove(self, job_id: str, owner: str) -> None:
-        queue = self._by_owner[owner]
-        queue.remove(job_id)
-        self._size -= 1
-        if not queue:
-            del self._by_owner[owner]
-            self._turns.remove(owner)
-
-    def owners(self) -> int:
-        return len(self._turns)
-
-
 @dataclass(slots=True)
 class _Job:
     job_id: str
     pinned: str | None
     reentrant: bool
     owner: str = ""
+    group: str | None = None
+    exclude: frozenset[str] = frozenset()
     state: JobState = JobState.QUEUED
     node_id: str | None = None
     attempt: int = 0
@@ -243,6 +208,7 @@ class _Node:
     inflight: dict[str, None] = field(default_factory=dict)  # ordered set: dispatch order
     pinned_queue: deque[str] = field(default_factory=deque)
     jobs_done: int = 0
+    distrusted: bool = False
 
 
 class SchedulerCore:
@@ -255,6 +221,9 @@ class SchedulerCore:
             instead of being resubmitted again (a poison job must not kill every node).
     """
 
+    #: How many queued jobs a node may pass over (they exclude it) looking for one it can run.
+    SCAN = 64
+
     def __init__(self, *, prefetch: int = 1, reentrant: bool = False, allowed_failures: int = 3) -> None:
         self.prefetch = prefetch
         self.reentrant = reentrant
@@ -262,8 +231,11 @@ class SchedulerCore:
         self._jobs: dict[str, _Job] = {}
         self._nodes: dict[str, _Node] = {}
         self._queue = FairQueue()  # jobs any node may run
-        self._free: deque[str] = deque()  # nodes with a free slot, round-robin
-        self._in_free: set[str] = set()
+        self._free = FreeNodes()  # nodes with a free slot, fastest first
+        self.speeds = SpeedModel()
+        self._group_nodes: dict[str, set[str]] = {}  # group -> nodes that ran one of its jobs
+        self._group_size: dict[str, int] = {}  # group -> its unfinished jobs
+        self._constrained = 0  # queued jobs with an exclude set or a group
 
     # ------------------------------------------------------------ queries
 
@@ -291,6 +263,9 @@ class SchedulerCore:
     def inflight(self, node_id: str) -> int:
         return len(self._nodes[node_id].inflight)
 
+    def distrusted(self, node_id: str) -> bool:
+        return self._nodes[node_id].distrusted
+
     # ------------------------------------------------------------ events
 
     def handle(self, event: Event) -> list[Action]:
@@ -307,29 +282,27 @@ class SchedulerCore:
             return self._on_node_lost(event)
         if isinstance(event, CancelRequested):
             return self._on_cancel(event)
+        if isinstance(event, NodeDistrusted):
+            return self._on_distrusted(event)
         raise TypeError(f"not a scheduler event: {event!r}")
 
     def _on_submitted(self, ev: JobSubmitted) -> list[Action]:
         if ev.job_id in self._jobs:
             raise ValueError(f"job {ev.job_id!r} was already submitted")
         reentrant = self.reentrant if ev.reentrant is None else ev.reentrant
-        job = _Job(ev.job_id, ev.node_id, reentrant, ev.owner)
+        job = _Job(ev.job_id, ev.node_id, reentrant, ev.owner, ev.group, ev.exclude, attempt=ev.first_attempt)
+        self._jobs[ev.job_id] = job
+        if job.group is not None:
+            self._group_size[job.group] = self._group_size.get(job.group, 0) + 1
         if ev.node_id is not None:
             node = self._nodes.get(ev.node_id)
             if node is None:
-                self._jobs[ev.job_id] = job
                 self._finish(job, JobState.ABANDONED)
                 return [ResolveJob(ev.job_id, JobState.ABANDONED, f"node {ev.node_id} is not in the cluster")]
-            self._jobs[ev.job_id] = job
             node.pinned_queue.append(ev.job_id)
             return self._fill(node)
-        self._jobs[ev.job_id] = job
-        self._queue.append(ev.job_id, job.owner)
-        if not self._free:
-            return []
-        node_id = self._free.popleft()
-        self._in_free.discard(node_id)
-        return self._fill(self._nodes[node_id])
+        self._enqueue(job)
+        return self._place_queued()
 
     def _on_started(self, ev: JobsStarted) -> list[Action]:
         for job_id, attempt in ev.jobs:
@@ -345,6 +318,8 @@ class SchedulerCore:
         if job.state not in (JobState.SENT, JobState.RUNNING):
             return []
         node = self._nodes.get(ev.node_id)
+        if ev.duration is not None and node is not None:
+            self.speeds.observe(node.node_id, ev.duration)
         if ev.worker_died and not job.cancel_requested:
             job.failures += 1
             if job.reentrant and job.pinned is None and job.failures < self.allowed_failures:
@@ -352,25 +327,16 @@ class SchedulerCore:
                     node.inflight.pop(job.job_id, None)
                 job.node_id = None
                 self._move(job, JobState.QUEUED)
-                self._queue.appendleft(job.job_id, job.owner)
-                actions = self._place_queued()
+                self._enqueue(job, front=True)
+                retried = self._place_queued()
                 if node is not None:
-                    actions.extend(self._fill(node))
-                return actions
+                    retried.extend(self._fill(node))
+                return retried
         self._finish(job, JobState.DONE)
-        actions = [DeliverResult(job.job_id, ev.attempt)]
+        actions: list[Action] = [DeliverResult(job.job_id, ev.attempt)]
         if node is not None:
             node.jobs_done += 1
             actions.extend(self._fill(node))
-        return actions
-
-    def _place_queued(self) -> list[Action]:
-        """Hand queued jobs to nodes with room, preferring nodes other than the caller's."""
-        actions: list[Action] = []
-        while self._queue and self._free:
-            node_id = self._free.popleft()
-            self._in_free.discard(node_id)
-            actions.extend(self._fill(self._nodes[node_id]))
         return actions
 
     def _on_node_joined(self, ev: NodeJoined) -> list[Action]:
@@ -379,17 +345,17 @@ class SchedulerCore:
         cpus = max(1, ev.cpus)
         node = _Node(ev.node_id, cpus, cpus + max(0, self.prefetch) * cpus)
         self._nodes[ev.node_id] = node
+        self.speeds.add_node(ev.node_id, ev.speed)
         return self._fill(node)
 
     def _on_node_lost(self, ev: NodeLost) -> list[Action]:
         node = self._nodes.pop(ev.node_id, None)
         if node is None:
             return []
-        if ev.node_id in self._in_free:
-            self._in_free.discard(ev.node_id)
-            self._free.remove(ev.node_id)
+        self._free.discard(ev.node_id)
+        self.speeds.remove_node(ev.node_id)
         actions: list[Action] = []
-        requeue: list[str] = []
+        requeue: list[_Job] = []
         for job_id in node.inflight:
             job = self._jobs[job_id]
             job.failures += 1
@@ -399,7 +365,7 @@ class SchedulerCore:
                 actions.append(ResolveJob(job_id, JobState.CANCELLED, "cancelled; its node was lost"))
             elif job.reentrant and job.pinned is None and job.failures < self.allowed_failures:
                 self._move(job, JobState.QUEUED)
-                requeue.append(job_id)
+                requeue.append(job)
             else:
                 why = f"node {ev.node_id} was lost ({ev.reason})"
                 if job.reentrant and job.failures >= self.allowed_failures:
@@ -410,9 +376,23 @@ class SchedulerCore:
             self._finish(self._jobs[job_id], JobState.ABANDONED)
             actions.append(ResolveJob(job_id, JobState.ABANDONED, f"node {ev.node_id} it was submitted to was lost"))
         node.inflight.clear()
-        for job_id in reversed(requeue):  # they waited long enough: run them next, in order
-            self._queue.appendleft(job_id, self._jobs[job_id].owner)
+        for job in reversed(requeue):  # they waited long enough: run them next, in order
+            self._enqueue(job, front=True)
         actions.extend(self._place_queued())  # moved jobs go to the nodes that have room
+        return actions
+
+    def _on_distrusted(self, ev: NodeDistrusted) -> list[Action]:
+        node = self._nodes.get(ev.node_id)
+        if node is None or node.distrusted:
+            return []
+        node.distrusted = True
+        node.limit = 0
+        self._free.discard(ev.node_id)
+        actions: list[Action] = []
+        while node.pinned_queue:
+            job_id = node.pinned_queue.popleft()
+            self._finish(self._jobs[job_id], JobState.ABANDONED)
+            actions.append(ResolveJob(job_id, JobState.ABANDONED, f"node {ev.node_id} is no longer trusted: {ev.reason}"))
         return actions
 
     def _on_cancel(self, ev: CancelRequested) -> list[Action]:
@@ -424,6 +404,7 @@ class SchedulerCore:
                 self._nodes[job.pinned].pinned_queue.remove(job.job_id)
             else:
                 self._queue.remove(job.job_id, job.owner)
+                self._constrained -= self._is_constrained(job)
             self._finish(job, JobState.CANCELLED)
             return [ResolveJob(job.job_id, JobState.CANCELLED, "cancelled before it started")]
         job.cancel_requested = True
@@ -431,6 +412,22 @@ class SchedulerCore:
         return [CancelOnNode(job.node_id, job.job_id, job.attempt)]
 
     # ------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _is_constrained(job: _Job) -> bool:
+        return bool(job.exclude) or job.group is not None
+
+    def _enqueue(self, job: _Job, *, front: bool = False) -> None:
+        if front:
+            self._queue.appendleft(job.job_id, job.owner)
+        else:
+            self._queue.append(job.job_id, job.owner)
+        self._constrained += self._is_constrained(job)
+
+    def _may_run(self, job: _Job, node: _Node) -> bool:
+        if node.node_id in job.exclude:
+            return False
+        return job.group is None or node.node_id not in self._group_nodes.get(job.group, ())
 
     def _move(self, job: _Job, state: JobState) -> None:
         if state not in _TRANSITIONS[job.state]:
@@ -441,30 +438,57 @@ class SchedulerCore:
         self._move(job, state)
         if job.node_id is not None and job.node_id in self._nodes:
             self._nodes[job.node_id].inflight.pop(job.job_id, None)
+        if job.group is not None:
+            left = self._group_size[job.group] - 1
+            if left:
+                self._group_size[job.group] = left
+            else:
+                del self._group_size[job.group]
+                self._group_nodes.pop(job.group, None)
         del self._jobs[job.job_id]
 
-    def _fill(self, node: _Node) -> list[Action]:
+    def _place_queued(self) -> list[Action]:
+        """Hand queued jobs to free nodes, fastest first, until the queue or the room runs out."""
+        actions: list[Action] = []
+        passed_over: list[str] = []  # free nodes that can run none of the queued jobs
+        while self._queue and self._free:
+            node = self._nodes[self._free.pop()]
+            dispatched = self._fill(node, keep_free=False)
+            actions.extend(dispatched)
+            if len(node.inflight) < node.limit:
+                passed_over.append(node.node_id)
+        for node_id in passed_over:
+            self._free.add(node_id, self.speeds.speed(node_id))
+        return actions
+
+    def _fill(self, node: _Node, *, keep_free: bool = True) -> list[Action]:
         """Send this node as many jobs as it has free slots for; remember it if room is left."""
         batch: list[tuple[str, int]] = []
+        skipped: list[_Job] = []
         while len(node.inflight) < node.limit:
             if node.pinned_queue:
-                job_id = node.pinned_queue.popleft()
-            elif self._queue:
-                job_id = self._queue.popleft()
+                job = self._jobs[node.pinned_queue.popleft()]
+            elif self._queue and len(skipped) < self.SCAN:
+                job = self._jobs[self._queue.popleft()]
+                self._constrained -= self._is_constrained(job)
+                if not self._may_run(job, node):
+                    skipped.append(job)
+                    continue
             else:
                 break
-            job = self._jobs[job_id]
             job.attempt += 1
             job.node_id = node.node_id
             self._move(job, JobState.SENT)
-            node.inflight[job_id] = None
-            batch.append((job_id, job.attempt))
-        if len(node.inflight) < node.limit and node.node_id not in self._in_free:
-            self._free.append(node.node_id)
-            self._in_free.add(node.node_id)
-        elif len(node.inflight) >= node.limit and node.node_id in self._in_free:
-            self._in_free.discard(node.node_id)
-            self._free.remove(node.node_id)
+            node.inflight[job.job_id] = None
+            if job.group is not None:
+                self._group_nodes.setdefault(job.group, set()).add(node.node_id)
+            batch.append((job.job_id, job.attempt))
+        for job in reversed(skipped):
+            self._enqueue(job, front=True)
+        if keep_free and len(node.inflight) < node.limit:
+            self._free.add(node.node_id, self.speeds.speed(node.node_id))
+        else:
+            self._free.discard(node.node_id)
         return [DispatchJobs(node.node_id, tuple(batch))] if batch else []
 
     # ------------------------------------------------------------ invariants
@@ -473,7 +497,7 @@ class SchedulerCore:
         """Check the core's invariants; tests call this after every step."""
         seen: set[str] = set()
         for node in self._nodes.values():
-            assert len(node.inflight) <= node.limit, node
+            assert len(node.inflight) <= max(node.limit, len(node.inflight) if node.distrusted else 0), node
             for job_id in node.inflight:
                 job = self._jobs[job_id]
                 assert job.node_id == node.node_id and job.state in (JobState.SENT, JobState.RUNNING), job
@@ -481,17 +505,20 @@ class SchedulerCore:
                 seen.add(job_id)
             for job_id in node.pinned_queue:
                 assert self._jobs[job_id].state is JobState.QUEUED
+        constrained = 0
         for job_id in self._queue:
-            assert self._jobs[job_id].state is JobState.QUEUED and job_id not in seen
+            job = self._jobs[job_id]
+            assert job.state is JobState.QUEUED and job_id not in seen
+            constrained += self._is_constrained(job)
             seen.add(job_id)
+        assert constrained == self._constrained, (constrained, self._constrained)
         for job in self._jobs.values():
             if job.state is JobState.QUEUED and job.pinned is None:
                 assert job.job_id in seen, job
             assert job.state not in _TERMINAL
-        assert set(self._free) == self._in_free and len(self._free) == len(self._in_free)
         for node_id in self._free:
             node = self._nodes[node_id]
-            assert len(node.inflight) < node.limit
-        if self._queue:
+            assert len(node.inflight) < node.limit and not node.distrusted
+        if self._queue and not self._constrained:
             # Work is waiting only if no node has room for it.
             assert not self._free, "jobs queued while a node has a free slot"
