@@ -23,6 +23,7 @@ from .job import ClusterJob, JobStatus, apply_report
 from .journal import JournalContents, JournalWriter, read_journal
 from .protocol import codec
 from .protocol import messages as m
+from . import tls
 from .secret import load_secret
 from .transport.stream import connect
 
@@ -57,6 +58,12 @@ def _finish(rec: _Recovered, status: JobStatus, result: Any = None, exc: BaseExc
         job._future.set_result(result)
     else:
         job._future.set_exception(exc)
+
+
+def _never_sent(rec: _Recovered) -> None:
+    rec.ended = True
+    rec.job.status = JobStatus.Created
+    rec.job.ip_addr = None
 
 
 def _load(path: str, secret: bytes) -> tuple[str, dict[str, _Recovered], dict[str, _NodeRecord], JournalContents]:
@@ -112,7 +119,7 @@ def _load(path: str, secret: bytes) -> tuple[str, dict[str, _Recovered], dict[st
 
 
 async def _collect(comp_id: str, node: _NodeRecord, secret: bytes, journal: JournalWriter, *, wait: bool,
-                   deadline: float | None, pulse: float) -> None:
+                   deadline: float | None, pulse: float, ssl: Any = None) -> None:
     """Re-attach to one node and resolve the journal's jobs that were sent there."""
     def abandon(reason: str) -> None:
         for rec in node.jobs.values():
@@ -122,7 +129,7 @@ async def _collect(comp_id: str, node: _NodeRecord, secret: bytes, journal: Jour
     where = f"{node.host}:{node.port}"
     try:
         conn = await connect(node.host, node.port, secret=secret, role="client", info=local_info(),
-                             expected_peer_roles=frozenset({"node", "scheduler"}))
+                             expected_peer_roles=frozenset({"node", "scheduler"}), ssl=ssl)
     except (ClusterError, OSError) as exc:
         abandon(f"node {where} cannot be reached to recover the job: {exc}")
         return
@@ -142,9 +149,14 @@ async def _collect(comp_id: str, node: _NodeRecord, secret: bytes, journal: Jour
                 break
             if kept_left == 0 and not wait:
                 break  # the kept results are in; the rest are still running
-            if kept_left == 0 and not (pending & set(unresolved)):
-                abandon(f"node {where} no longer runs the job (it was lost before it ended)")
-                break
+            if kept_left == 0:
+                # The node re-attached (same incarnation) and neither runs nor kept these jobs:
+                # they never reached it (the client died between journaling and sending them).
+                for key in unresolved:
+                    if key not in pending:
+                        _never_sent(node.jobs[key])
+                if not (pending & set(unresolved)):
+                    break
             now = loop.time()
             if deadline is not None and now >= deadline:
                 break
@@ -185,15 +197,18 @@ async def _collect(comp_id: str, node: _NodeRecord, secret: bytes, journal: Jour
 
 async def recover_jobs_async(path: str | os.PathLike[str], *, secret: str | bytes | None = None,
                              secret_file: str | os.PathLike[str] | None = None, wait: bool = True,
-                             timeout: float | None = None, pulse_interval: float = 2.0) -> list[ClusterJob]:
+                             timeout: float | None = None, pulse_interval: float = 2.0,
+                             certfile: str | os.PathLike[str] | None = None, keyfile: str | os.PathLike[str] | None = None,
+                             cafile: str | os.PathLike[str] | None = None) -> list[ClusterJob]:
     """asyncio flavour of :func:`recover_jobs`."""
     key = load_secret(secret, secret_file=secret_file)
+    ssl = tls.client_context_from(certfile, keyfile, cafile)
     comp_id, jobs, nodes, contents = _load(os.fspath(path), key)
     deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     journal = JournalWriter.resume(path, key, contents)
     try:
         await asyncio.gather(*(
-            _collect(comp_id, node, key, journal, wait=wait, deadline=deadline, pulse=pulse_interval)
+            _collect(comp_id, node, key, journal, wait=wait, deadline=deadline, pulse=pulse_interval, ssl=ssl)
             for node in nodes.values() if node.jobs
         ))
     finally:
@@ -203,7 +218,9 @@ async def recover_jobs_async(path: str | os.PathLike[str], *, secret: str | byte
 
 def recover_jobs(path: str | os.PathLike[str], *, secret: str | bytes | None = None,
                  secret_file: str | os.PathLike[str] | None = None, wait: bool = True,
-                 timeout: float | None = None) -> list[ClusterJob]:
+                 timeout: float | None = None, certfile: str | os.PathLike[str] | None = None,
+                 keyfile: str | os.PathLike[str] | None = None,
+                 cafile: str | os.PathLike[str] | None = None) -> list[ClusterJob]:
     """Recover the jobs of a client that died, from its ``recover_file`` journal.
 
     Returns every job the journal names, in submission order: jobs that ended (in the journal,
@@ -212,8 +229,10 @@ def recover_jobs(path: str | os.PathLike[str], *, secret: str | bytes | None = N
     with status ``Running`` and can be recovered by a later call. Jobs that were never sent to
     a node have status ``Created``: resubmit them (``job.args``, ``job.kwargs``). Jobs whose
     node was lost or restarted end ``Abandoned`` with a :class:`NodeLostError`.
+    ``certfile``/``keyfile``/``cafile`` (or their environment variables): TLS, as for JobCluster.
 
     Raises:
         JournalError: the file is not a journal, or was written with another secret.
     """
-    return asyncio.run(recover_jobs_async(path, secret=secret, secret_file=secret_file, wait=wait, timeout=timeout))
+    return asyncio.run(recover_jobs_async(path, secret=secret, secret_file=secret_file, wait=wait, timeout=timeout,
+                                          certfile=certfile, keyfile=keyfile, cafile=cafile))
