@@ -26,6 +26,12 @@ _LAZY = {
     "JobStatus": "clusterpy.job",
     "recover_jobs": "clusterpy.recovery",
     "SharedJobCluster": "clusterpy.shared",
+    "provisional_result": "clusterpy.progress",
+    "send_file": "clusterpy.progress",
+    "DROPPED": "clusterpy.progress",
+    "ClusterStats": "clusterpy.stats",
+    "ClusterExecutor": "clusterpy.executor",
+    "Scattered": "clusterpy.scatter",
 }
 
 __all__ = ["__version__", *_LAZY, *_errors_all]

@@ -28,11 +28,12 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
 
 from . import deps as deps_mod
+from . import tls
 from .core.scheduler import (
     CancelOnNode,
     CancelRequested,
@@ -60,10 +61,16 @@ from .errors import (
 )
 from .filestore import validate_comp_id
 from .identity import DEFAULT_NODE_PORT, local_info
+from .dataflow import Dependents, find_upstream
 from .journal import JournalWriter
+from .monitor import ClusterSource, JobHistory, job_ended, parse_monitor, require_aiohttp, start_monitor
 from .job import ClusterJob, JobStatus, apply_report
+from ._midjob import MidJob
+from .progress import DROPPED
 from .protocol import codec
+from .stats import ClusterStats, StatsRecorder
 from .protocol import messages as m
+from .scatter import ScatterState
 from .secret import load_secret
 from .discovery import DEFAULT_RELAY_PORT, DiscoveryKey, plan_nodes
 from .transport.stream import Connection, connect
@@ -73,6 +80,31 @@ __all__ = ["JobCluster"]
 log = logging.getLogger("clusterpy.client")
 
 _PERMANENT = (AuthenticationError, VersionMismatchError)
+
+
+def _score(text: str | None) -> float:
+    """A node's speed score from its handshake info (1.0 if it sent none or nonsense)."""
+    try:
+        value = float(text) if text is not None else 1.0
+    except ValueError:
+        return 1.0
+    return value if 0.0 < value < float("inf") else 1.0
+
+
+def _trust_options(verify: Any, replicas: int, fraction: float, max_reruns: int, distrust_after: int,
+                   rerun_untrusted: bool) -> dict[str, Any] | None:
+    """JobCluster's trust arguments, checked; None when neither verify nor replicas is asked for."""
+    if verify is not None and not callable(verify):
+        raise ConfigurationError(f"verify must be callable, not {type(verify).__name__}")
+    for name, value, low in (("replicas", replicas, 1), ("max_reruns", max_reruns, 0), ("distrust_after", distrust_after, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigurationError(f"{name} must be an int of at least {low}, not {value!r}")
+    if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ConfigurationError(f"replicate_fraction must be between 0 and 1, not {fraction!r}")
+    if verify is None and (replicas == 1 or fraction == 0):
+        return None  # plain jobs: no trust layer at all
+    return dict(verify=verify, replicas=replicas, replicate_fraction=float(fraction), max_reruns=max_reruns,
+                distrust_after=distrust_after, rerun_untrusted=bool(rerun_untrusted))
 
 
 def _parse_node(spec: str, default_port: int) -> tuple[str, int]:
@@ -116,10 +148,12 @@ class _NodeLink:
         self.joined = False
         self.jobs_done = 0
         self.cpu_time = 0.0
+        self.score = 1.0  # the node's benchmark score (clusterpy.benchmark), from its handshake
         self.pending_submit: list[m.JobRequest] = []
         self.error: BaseException | None = None
         self.last_heard = 0.0
         self.lost_reason: str | None = None
+        self.stopped = False  # stop(): the cluster no longer uses this node
 
     @property
     def name(self) -> str:
@@ -129,7 +163,7 @@ class _NodeLink:
         """Connect, deploy, serve; after a loss, reconnect (the node may come back, or be
         restarted as a new incarnation) until the cluster closes or the node refuses us."""
         rt = self.runtime
-        while not rt.closing:
+        while not rt.closing and not self.stopped:
             conn = await self._connect()
             if conn is None:
                 return
@@ -139,6 +173,7 @@ class _NodeLink:
             peer = conn.peername
             self.ip_addr = peer[0] if peer else self.host
             self.cpus = max(1, int(conn.peer_info.get("cpus", "1")))
+            self.score = _score(conn.peer_info.get("score"))
             try:
                 await self._deploy(conn)
             except ClusterError as exc:
@@ -176,11 +211,12 @@ class _NodeLink:
     async def _connect(self) -> Connection | None:
         rt = self.runtime
         delay = rt.reconnect_delay
-        while not rt.closing:
+        while not rt.closing and not self.stopped:
             try:
                 return await connect(
                     self.host, self.port, secret=rt.secret, role="client", info=local_info(),
-                    expected_peer_roles=frozenset({"node"}), handshake_timeout=rt.connect_timeout,
+                    expected_peer_roles=rt.cluster._peer_roles, handshake_timeout=rt.connect_timeout,
+                    ssl=rt.tls_for(self.host, self.port),
                 )
             except _PERMANENT as exc:
                 self.error = exc
@@ -193,6 +229,14 @@ class _NodeLink:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         return None
+
+    def stop(self, reason: str) -> None:
+        """Stop using this node: close the computation there (its jobs end on the node), drop
+        the connection (the core moves or abandons the jobs it held), and never reconnect."""
+        self.stopped = True
+        self.pending_submit.clear()  # not sent: the core moves or abandons them with the node
+        self.send(m.CloseComputation(self.runtime.comp_id))
+        self.declare_lost(reason)
 
     def declare_lost(self, reason: str) -> None:
         """Drop the connection (the read loop then reports the node lost)."""
@@ -252,6 +296,11 @@ class _Runtime:
         self.core = SchedulerCore(prefetch=cluster.prefetch, reentrant=cluster.reentrant,
                                   allowed_failures=cluster.allowed_failures)
         self.jobs: dict[str, tuple[ClusterJob, bytes, float | None]] = {}
+        # Statistics, provisional results and files, and trust (verify=, replicas=): stats.py,
+        # _midjob.py, _trust_shell.py.
+        self.stats = StatsRecorder()
+        self.midjob = MidJob(self, cluster.files_dir, cluster.max_file_size)
+        self.trust = cluster._make_trust(self)
         self.links: list[_NodeLink] = []
         self.by_node: dict[str, _NodeLink] = {}
         self.closing = False
@@ -265,6 +314,10 @@ class _Runtime:
         self._journal_flush_scheduled = False
         self.idle = asyncio.Event()
         self.idle.set()
+        self.dependents = Dependents(self)  # jobs waiting for upstream results (clusterpy.dataflow)
+        self.scatter = ScatterState(self)  # scattered objects and their transfers (clusterpy.scatter)
+        self.history = JobHistory()  # counts, throughput and latest failures, for the monitor
+        self.monitor: Any = None  # clusterpy.monitor.MonitorServer when monitor= is given
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -310,7 +363,8 @@ class _Runtime:
             self.add_link("127.0.0.1", port)
 
     def _discovered(self, found: Any) -> None:
-        if not self.closing:
+        # A link reconnects by itself (a restarted node answers again with a new incarnation).
+        if not self.closing and not any((k.host, k.port) == (found.host, found.port) for k in self.links):
             self.add_link(found.host, found.port)
 
     async def _pulse(self) -> None:
@@ -329,6 +383,14 @@ class _Runtime:
                     link.declare_lost(f"no pulse for {silent:.1f}s")
                 else:
                     link.send(m.Ping(time.time()))
+
+    def tls_for(self, host: str, port: int) -> Any:
+        """The client's TLS context for a node; None (plain TCP) for the embedded local node,
+        which has no certificate and is reachable only on this machine's loopback."""
+        local = self.local_node
+        if local is not None and host == "127.0.0.1" and port == local.port:
+            return None
+        return self.cluster._ssl
 
     def add_link(self, host: str, port: int) -> _NodeLink:
         link = _NodeLink(self, host, port)
@@ -358,6 +420,7 @@ class _Runtime:
                 link = self.by_node[action.node_id]
                 for job_id, attempt in action.jobs:
                     _job, args, timeout = self.jobs[job_id]
+                    self.stats.dispatched(action.node_id, _job._key, len(args))
                     link.pending_submit.append(m.JobRequest(job_id, attempt, args, timeout, self.cluster.cpus_per_job))
                     self.record("dispatch", job_id, action.node_id, attempt)
                 self._dirty.add(link)
@@ -367,10 +430,16 @@ class _Runtime:
             elif isinstance(action, ResolveJob):
                 job = self.jobs[action.job_id][0]
                 self.record("resolved", action.job_id, action.state.value, action.reason)
+                self.midjob.ended(action.job_id)
+                exc: BaseException
                 if action.state is JobState.CANCELLED:
-                    self.finish(job, JobStatus.Cancelled, exc=JobCancelledError(f"job {job.id!r} was cancelled"))
+                    status, exc = JobStatus.Cancelled, JobCancelledError(f"job {job.id!r} was cancelled")
                 else:
-                    self.finish(job, JobStatus.Abandoned, exc=NodeLostError(f"job {job.id!r} abandoned: {action.reason}"))
+                    status, exc = JobStatus.Abandoned, self.cluster._lost_error(f"job {job.id!r} abandoned: {action.reason}")
+                if self.trust is not None and self.trust.manages(job):
+                    self.trust.on_resolved(action, status, exc)  # one replica of it: the trust core decides
+                else:
+                    self.finish(job, status, exc=exc)
             elif isinstance(action, CancelOnNode):
                 link = self.by_node.get(action.node_id)
                 if link is not None:
@@ -391,6 +460,11 @@ class _Runtime:
         self.jobs[job._key] = (job, args, timeout)
         self.idle.clear()
         self.record("submit", job._key, job.id, args, timeout)
+        self.stats.submitted(job._key, job.id, job.submit_time, len(args))
+        if self.trust is not None and node is None:  # verify / replicas (a pinned job is not re-run elsewhere)
+            self.trust.submit(job, args, timeout)
+            self._check_all_failed()
+            return
         node_id = None if node is None else (self._find_node(node) or node)
         self.execute(self.core.handle(JobSubmitted(job._key, node_id=node_id)))
         self._check_all_failed()
@@ -402,6 +476,11 @@ class _Runtime:
         return None
 
     def cancel(self, job: ClusterJob) -> None:
+        if self.dependents.cancel(job):
+            return
+        if self.trust is not None and job._key in self.trust.tasks:
+            self.trust.cancel(job)
+            return
         if job._key in self.jobs:
             self.execute(self.core.handle(CancelRequested(job._key)))
 
@@ -413,12 +492,13 @@ class _Runtime:
         self.by_node[link.node_id] = link
         self.record("node", link.node_id, link.host, link.port, link.ip_addr, link.hostname)
         log.info("node %s (%s, %d CPUs) joined", link.name, link.hostname, link.cpus)
+        self.scatter.on_join(link)  # scattered objects reach the node before its first job
         # A node fits cpus // cpus_per_job jobs at once (the node itself enforces the CPUs).
-        self.execute(self.core.handle(NodeJoined(link.node_id, max(1, link.cpus // self.cluster.cpus_per_job))))
+        self.execute(self.core.handle(NodeJoined(link.node_id, max(1, link.cpus // self.cluster.cpus_per_job),
+                                                 speed=link.score)))
 
     def link_lost(self, link: _NodeLink, reason: str) -> None:
-        if self.discovery is not None and link.node_id is not None:
-            self.discovery.forget(link.node_id)  # its next answer may bring it back
+        self.scatter.link_lost(link)
         if link.node_id is not None and self.by_node.get(link.node_id) is link:
             del self.by_node[link.node_id]
             if not self.closing:
@@ -454,17 +534,29 @@ class _Runtime:
                     entry[0].status = JobStatus.Running
                     entry[0].start_time = s.start_time
                     entry[0].ip_addr = link.ip_addr
+                    future = entry[0]._future
+                    if not future.done() and not future.running():
+                        future.set_running_or_notify_cancel()  # Future.cancel() now returns False
         elif isinstance(msg, m.Ping):
             link.send(m.Pong(msg.sent))
         elif isinstance(msg, m.Pong):
             pass
+        elif isinstance(msg, m.FilesNeeded):
+            self.scatter.on_files_needed(link, msg)
+        elif isinstance(msg, m.FilesAdded):
+            self.scatter.on_files_added(link, msg)
+        elif isinstance(msg, m.JobProgress):
+            self.midjob.on_progress(link, msg)
+        elif isinstance(msg, m.JobFile):
+            self.midjob.on_file(link, msg)
         else:
             raise ProtocolError(f"unexpected message from a node: {type(msg).__name__}")
 
     def _on_done(self, link: _NodeLink, msg: m.JobDone) -> None:
         assert link.node_id is not None
+        ran = msg.end_time - msg.start_time if msg.status in ("finished", "exception") else None
         actions = self.core.handle(JobReported(link.node_id, msg.job_id, msg.attempt,
-                                               worker_died=msg.status == "died"))
+                                               worker_died=msg.status == "died", duration=ran))
         if not actions or not isinstance(actions[0], DeliverResult):
             if msg.status == "died" and msg.job_id in self.jobs:
                 log.warning("job %s killed its worker on %s; trying it again", msg.job_id, link.name)
@@ -472,12 +564,19 @@ class _Runtime:
             self.execute(actions)
             return
         job = self.jobs[msg.job_id][0]
-        self.record("done", msg.job_id, link.node_id, msg)
+        self.midjob.ended(msg.job_id)
         link.jobs_done += 1
         link.cpu_time += msg.cpu_time
+        self.stats.reported(link.node_id, job._key, len(msg.result or b"") + len(msg.stdout) + len(msg.stderr),
+                            msg.cpu_time, msg.end_time - msg.start_time)
+        if self.trust is not None and self.trust.manages(job):
+            self.trust.on_done(link, msg)  # one replica's report: the trust core decides
+            self.execute(actions[1:])
+            return
+        self.record("done", msg.job_id, link.node_id, msg)
         status, result, exc = apply_report(job, msg, ip_addr=link.ip_addr, node_id=link.node_id,
                                            hostname=link.hostname, where=f"on node {link.name}")
-        self.finish(job, status, result=result, exc=exc)
+        self.finish(job, status, result=None if result is DROPPED else result, exc=exc)
         self.execute(actions[1:])
 
     def finish(self, job: ClusterJob, status: JobStatus, *, result: Any = None, exc: BaseException | None = None) -> None:
@@ -491,18 +590,23 @@ class _Runtime:
                 job._future.set_result(result)
             else:
                 job._future.set_exception(exc)
+        self.history.add(job_ended(job), time.monotonic())
+        self.stats.finished(job._key, status.value, job.node_id, job.start_time, job.end_time)
         self.cluster._job_done(job)
-        if not self.jobs:
+        if not self.jobs and not self.dependents:
             self.idle.set()
 
     # ---------------------------------------------------------------- shutdown
 
     async def aclose(self, terminate: bool) -> None:
         if terminate:
+            self.dependents.cancel_all()
             for key in list(self.jobs):
                 self.cancel(self.jobs[key][0])
         await self.idle.wait() if not terminate else await asyncio.wait_for(self.idle.wait(), 10)
         self.closing = True
+        if self.monitor is not None:
+            await self.monitor.aclose()
         for link in self.links:
             if link.conn is not None and not link.conn.closed:
                 link.flush()
@@ -524,6 +628,8 @@ class _Runtime:
             import shutil
 
             shutil.rmtree(self.local_node._own_dest, ignore_errors=True)
+        self.scatter.remove_files()
+        self.midjob.close()
 
 
 class JobCluster:
@@ -543,6 +649,9 @@ class JobCluster:
         callback: ``callback(job)`` is called (in a separate thread) as each job ends.
         secret: the cluster secret (else ``secret_file``, ``CLUSTERPY_SECRET``,
             ``CLUSTERPY_SECRET_FILE``, or the per-user secret file).
+        certfile, keyfile, cafile: mutual TLS to the nodes (else ``CLUSTERPY_CERTFILE``,
+            ``CLUSTERPY_KEYFILE``, ``CLUSTERPY_CAFILE``; none set: no TLS). See
+            docs/SECURITY.md and ``clusterpy keygen``.
         local: start a private node on 127.0.0.1 with ``local_cpus`` (default all) CPUs.
         reentrant: resubmit the jobs of a lost node elsewhere (they must be idempotent).
         timeout: default per-job time limit in seconds (``submit(..., timeout=)`` overrides).
@@ -573,11 +682,39 @@ class JobCluster:
         relays: ``"host[:port]"`` of clusterpy-netrelay daemons (default port 9701) that
             rebroadcast this client's requests on their networks.
         cluster_name: discovery only sees nodes with the same secret *and* the same name.
+        monitor: serve a live web page of the cluster (``True``: on 127.0.0.1, a free port; a
+            port number; or ``"HOST:PORT"``); its URL, with an access token, is logged and in
+            :attr:`monitor_url`. Needs ``pip install clusterpy[monitor]``. See docs/MONITOR.md.
+
+        Results you can trust and work that stops early (docs/TRUST.md):
+        verify: ``verify(result, *args, **kwargs)`` checks each result on this machine (in a
+            thread); a result that fails is run again on another node (up to ``max_reruns``
+            times; then the job fails with VerificationError) and its node is no longer trusted.
+        replicas, replicate_fraction: run that fraction of the jobs (spread evenly; default all)
+            on ``replicas`` different nodes; the majority's result is kept and a node that
+            disagrees is no longer trusted. Only for computations whose correct result is
+            unique (same arguments, same result: compared as pickled bytes).
+        max_reruns: extra runs a job may get to find a trustworthy result.
+        distrust_after: wrong results (failed checks, outvoted) that make a node untrusted; an
+            untrusted node gets no more jobs (``stats().untrusted_nodes``).
+        rerun_untrusted: results of a node still pending when it becomes untrusted are run
+            again elsewhere.
+        only_if: ``only_if(result)`` runs on the node; a result it rejects is dropped there
+            (never sent): the job's result is None, and ``map`` leaves it out.
+        return_files: run each job in a private directory on its node and bring back every
+            file it makes there (as ``clusterpy.send_file`` does).
+        files_dir: where files jobs send back are written, as ``<files_dir>/<job id>/<name>``
+            (default: ``dest_path`` under the current directory, or the current directory).
+        max_file_size: largest file accepted from a job (the node has its own limit too).
 
     Raises:
         ConfigurationError: bad arguments, or no secret could be found.
         DependencyError: a dependency cannot be shipped.
     """
+
+    # A JobCluster talks to nodes; SharedJobCluster overrides these to talk to a scheduler.
+    _peer_roles: frozenset[str] = frozenset({"node"})
+    _lost_error: type[NodeLostError] = NodeLostError
 
     def __init__(
         self,
@@ -591,6 +728,9 @@ class JobCluster:
         callback: Callable[[ClusterJob], Any] | None = None,
         secret: str | bytes | None = None,
         secret_file: str | os.PathLike[str] | None = None,
+        certfile: str | os.PathLike[str] | None = None,
+        keyfile: str | os.PathLike[str] | None = None,
+        cafile: str | os.PathLike[str] | None = None,
         local: bool | None = None,
         local_cpus: int | None = None,
         port: int = DEFAULT_NODE_PORT,
@@ -613,10 +753,26 @@ class JobCluster:
         relays: str | Iterable[str] = (),
         cluster_name: str = "",
         loglevel: int | str | None = None,
+        monitor: bool | int | str = False,
+        verify: Callable[..., Any] | None = None,
+        replicas: int = 1,
+        replicate_fraction: float = 1.0,
+        max_reruns: int = 2,
+        distrust_after: int = 1,
+        rerun_untrusted: bool = True,
+        only_if: Callable[[Any], Any] | None = None,
+        return_files: bool = False,
+        files_dir: str | os.PathLike[str] | None = None,
+        max_file_size: int = 1 << 30,
     ) -> None:
         if loglevel is not None:
             logging.getLogger("clusterpy").setLevel(loglevel)
+        monitor_spec = parse_monitor(monitor)
+        if monitor_spec is not None:
+            require_aiohttp()  # fail before anything starts
+        self.monitor_url: str | None = None
         self._secret = load_secret(secret, secret_file=secret_file)
+        self._ssl = tls.client_context_from(certfile, keyfile, cafile)
         node_list = [nodes] if isinstance(nodes, str) else list(nodes or [])
         try:  # discovery and the embedded node (clusterpy.discovery.plan_nodes)
             plan = plan_nodes(node_list, discover=discover, local=local, relays=bool(relays), wait=discovery_wait)
@@ -649,6 +805,14 @@ class JobCluster:
             except ClusterError as exc:
                 raise ConfigurationError(f"dest_path must be one directory name: {exc}") from None
         self.dest_path = dest_path
+        self._trust_options = _trust_options(verify, replicas, replicate_fraction, max_reruns, distrust_after,
+                                             rerun_untrusted)
+        if only_if is not None and not callable(only_if):
+            raise ConfigurationError(f"only_if must be callable, not {type(only_if).__name__}")
+        self._only_if, self._return_files = only_if, bool(return_files)
+        self.files_dir = os.path.abspath(os.fspath(files_dir) if files_dir is not None else (dest_path or "."))
+        self.max_file_size = max_file_size
+        self._stop_generation = 0  # cluster.stop() calls so far (a map in progress stops submitting)
         self._comp_id = f"c{uuid.uuid4().hex}"
         self._closed = False
         self._jobs_submitted = 0
@@ -664,8 +828,13 @@ class JobCluster:
         self._thread.start()
         self._rt: _Runtime = self._call(self._make_runtime)
         try:
+            if monitor_spec is not None:  # first: if it cannot bind, nothing else has started
+                self._rt.monitor = self._await(start_monitor(ClusterSource(self._rt), monitor_spec))
+                self.monitor_url = self._rt.monitor.url
             self._await(self._rt.start(self.addresses, local))
         except BaseException:
+            if self._rt.monitor is not None:
+                self._await(self._rt.monitor.aclose(), 5)
             self._stop_loop()
             raise
 
@@ -677,23 +846,29 @@ class JobCluster:
         if callable(computation):
             # Modules in depends travel as files: the computation directory is on the worker's sys.path.
             found = deps_mod.collect(depends)
-            for fn in (computation, setup, cleanup, *found.objects):
+            for fn in (computation, setup, cleanup, self._only_if, *found.objects):
                 _pickle_by_value_if_local(fn)
             bundle = cloudpickle.dumps({
                 "compute": computation, "setup": setup, "cleanup": cleanup,
                 "depends": list(found.objects), "setup_args": tuple(setup_args),
+                "only_if": self._only_if, "return_files": self._return_files,
             })
             self.computation_name = getattr(computation, "__name__", repr(computation))
-            deploy = m.DeployComputation(self._comp_id, "function", self._metas(found), bundle, None, keep_files,
-                                         self.dest_path)
+            deploy = m.DeployComputation(self._comp_id, "function", self._metas(found), bundle, None,
+                                         keep_files=keep_files, reentrant=self.reentrant, dest_path=self.dest_path)
         elif isinstance(computation, (str, os.PathLike)):
             path = os.fspath(computation)
             if not os.path.isfile(path):
                 raise ConfigurationError(f"program {path!r} does not exist or is not a file")
             found = deps_mod.collect(depends, program=path)
             self.computation_name = os.path.basename(path)
-            deploy = m.DeployComputation(self._comp_id, "program", self._metas(found), None,
-                                         (os.path.basename(path),), keep_files, self.dest_path)
+            options = None  # only_if / return_files for a program travel in an otherwise empty bundle
+            if self._only_if is not None or self._return_files:
+                _pickle_by_value_if_local(self._only_if)
+                options = cloudpickle.dumps({"only_if": self._only_if, "return_files": self._return_files})
+            deploy = m.DeployComputation(self._comp_id, "program", self._metas(found), options,
+                                         (os.path.basename(path),), keep_files=keep_files,
+                                         reentrant=self.reentrant, dest_path=self.dest_path)
         else:
             raise ConfigurationError(f"computation must be a callable or a program's path, not {type(computation).__name__}")
         return found, deploy
@@ -710,6 +885,13 @@ class JobCluster:
 
     def _make_runtime(self) -> _Runtime:
         return _Runtime(self)
+
+    def _make_trust(self, rt: _Runtime) -> Any:
+        if self._trust_options is None:
+            return None
+        from ._trust_shell import TrustShell
+
+        return TrustShell(rt, **self._trust_options)
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` in the loop thread and return its result."""
@@ -757,11 +939,17 @@ class JobCluster:
         job = ClusterJob(self, args, kwargs, time.time())
         if job_id is not None:
             job.id = job_id
+        limit = timeout if timeout is not None else self.default_timeout
         try:
             blob = cloudpickle.dumps((args, kwargs), protocol=5)
         except Exception as exc:
-            raise ClusterError(f"the arguments of job {job.id!r} cannot be pickled: {exc!r}") from exc
-        limit = timeout if timeout is not None else self.default_timeout
+            upstream = find_upstream(args, kwargs)  # jobs or futures as arguments: dataflow
+            if not upstream:
+                raise ClusterError(f"the arguments of job {job.id!r} cannot be pickled: {exc!r}") from exc
+            with self._jobs_lock:
+                self._jobs_submitted += 1
+            self._loop.call_soon_threadsafe(self._rt.dependents.hold, job, upstream, limit, node)
+            return job
         with self._jobs_lock:
             self._jobs_submitted += 1
         self._loop.call_soon_threadsafe(self._rt.submit, job, blob, limit, node)
@@ -771,9 +959,70 @@ class JobCluster:
         """asyncio flavour of :meth:`submit` (submission never blocks)."""
         return self.submit(*args, **kwargs)
 
+    # ------------------------------------------- executor, map, waiting, scatter (clusterpy.executor, .scatter)
+
+    def executor(self) -> Any:
+        """A ``concurrent.futures.Executor`` that runs any function on this cluster
+        (:class:`clusterpy.ClusterExecutor`); its ``shutdown`` leaves the cluster open."""
+        from .executor import ClusterExecutor
+
+        return ClusterExecutor._borrow(self)
+
+    def map(self, *iterables: Iterable[Any], chunksize: int = 1, timeout: float | None = None,
+            buffersize: int | None = None, stop_when: Callable[[Any], Any] | None = None) -> Iterator[Any]:
+        """The computation applied to the items of ``iterables`` (``computation(x, y)`` for each
+        ``x, y`` of ``zip(xs, ys)``), results in order; ``chunksize`` items per job, at most
+        ``buffersize`` jobs in flight; ``timeout`` as in ``Executor.map``. A failing item's
+        exception notes its index and value. Raises ValueError for a chunksize below 1.
+
+        ``stop_when(result)`` (early exit): once a result satisfies it, the map's jobs still
+        queued are dropped and its running ones terminated on their nodes; the iterator then
+        yields the results that were ready, in order, and ends when none of its jobs runs any
+        more (:class:`clusterpy.early_exit.StoppableMap`: ``.stopped``, ``.stopped_by``).
+        Results dropped on the nodes by ``only_if`` are left out."""
+        if stop_when is not None:
+            from .early_exit import StoppableMap
+
+            return StoppableMap(self, iterables, stop_when=stop_when, chunksize=chunksize, timeout=timeout,
+                                buffersize=buffersize)
+        from .executor import map_computation
+
+        results = map_computation(self, iterables, chunksize=chunksize, timeout=timeout, buffersize=buffersize)
+        return results if self._only_if is None else (r for r in results if r is not DROPPED)
+
+    def as_completed(self, jobs: Iterable[Any], timeout: float | None = None) -> Any:
+        """The jobs (or futures) as they end: ``for job in ...`` or ``async for job in ...``;
+        raises TimeoutError if they have not all ended within ``timeout`` seconds."""
+        from .executor import as_completed
+
+        return as_completed(jobs, timeout)
+
+    async def gather(self, jobs: Iterable[Any], *, return_exceptions: bool = False) -> list[Any]:
+        """``await`` every job's result, in order (``asyncio.gather`` semantics); cancelling the
+        awaiting task cancels the jobs still pending, on their nodes too."""
+        from .executor import gather
+
+        return await gather(jobs, return_exceptions=return_exceptions)
+
+    def scatter(self, obj: Any, timeout: float | None = None) -> Any:
+        """Send ``obj`` to every node once; return a :class:`clusterpy.scatter.Scattered` handle
+        that jobs receive as the object (nodes that join later get it too). Returns when the
+        connected nodes hold it. Raises ClusterError if a node cannot store it."""
+        from .scatter import scatter
+
+        return scatter(self, obj, timeout)
+
+    broadcast = scatter
+
+    async def scatter_async(self, obj: Any) -> Any:
+        """asyncio flavour of :meth:`scatter` (pickling runs in a thread)."""
+        from .scatter import scatter_async
+
+        return await scatter_async(self, obj)
+
     def cancel(self, job: ClusterJob) -> bool:
         """Cancel a job: dropped if queued, terminated on its node if running. False if it had ended."""
-        if job.done():
+        if job.done() and not job._future.cancelled():  # a cancelled future still cancels its job
             return False
         self._loop.call_soon_threadsafe(self._rt.cancel, job)
         return True
@@ -807,15 +1056,35 @@ class JobCluster:
             for link in self._rt.links if link.joined
         ])
 
-    def stats(self) -> dict[str, Any]:
-        nodes = self.nodes()
-        return {
-            "computation": self.computation_name,
-            "jobs_submitted": self._jobs_submitted,
-            "jobs_done": sum(n["jobs_done"] for n in nodes),
-            "cpu_time": sum(n["cpu_time"] for n in nodes),
-            "nodes": nodes,
-        }
+    def stats(self) -> ClusterStats:
+        """Statistics per node (speed score and observed job time, trust, jobs, transfers) and
+        per job (times, runs, verification), as a :class:`clusterpy.stats.ClusterStats`;
+        ``.to_json(path)`` writes them. ``stats()["nodes"][0]["cpus"]`` style access works too."""
+        from .stats import collect
+
+        return self._call(collect, self._rt)
+
+    def stop(self) -> int:
+        """Stop all work now (early exit): queued jobs are dropped, running ones are terminated
+        on their nodes (both end Cancelled), and a ``map`` in progress submits no more. The
+        cluster stays open for new jobs. Returns how many jobs were stopped; ``wait()`` returns
+        once their nodes confirmed. Callable from a callback too."""
+        self._stop_generation += 1
+        if threading.current_thread() is self._thread:
+            return self._stop_now()
+        return int(self._call(self._stop_now))
+
+    def _stop_now(self) -> int:
+        rt = self._rt
+        self._note_stop()
+        rt.dependents.cancel_all()
+        jobs = {id(entry[0]): entry[0] for entry in rt.jobs.values() if not entry[0].done()}
+        for job in jobs.values():
+            rt.cancel(job)
+        return len(jobs)
+
+    def _note_stop(self) -> None:
+        self._rt.stats.stops += 1
 
     def print_status(self) -> None:
         """Print, per node, its CPUs, jobs done and CPU time (as dispy's print_status)."""

@@ -11,12 +11,15 @@
     │   ├── AuthenticationError   wrong secret, bad MAC, replayed or reordered frame
     │   └── VersionMismatchError  protocol, Python or cloudpickle versions differ
     ├── ConnectionClosedError     the peer went away (EOF, reset) while we needed it
+    ├── FileTooLargeError         clusterpy.send_file: the file is over the node's (or client's) limit
     └── JobError                  a job ended without a result of its own
         ├── WorkerDiedError       the worker process running the job died (exit code / signal)
         ├── JobTerminatedError    the job was stopped (timeout, cancel while running)
         ├── NodeLostError         the node holding the job was lost and the job was not resubmitted
         │   └── SchedulerLostError  the shared scheduler holding the job was lost
-        └── JobCancelledError     the job was cancelled before it ran
+        ├── JobCancelledError     the job was cancelled before it ran
+        ├── UpstreamJobError      a job or future it took as an argument failed (the cause)
+        └── VerificationError     no result of the job could be trusted (verify, replica voting)
 
 An exception raised by the user's own computation is re-raised unchanged by ``job()``,
 with a :class:`RemoteTraceback` as its ``__cause__`` so the remote stack is visible.
@@ -40,6 +43,9 @@ __all__ = [
     "NodeLostError",
     "SchedulerLostError",
     "JobCancelledError",
+    "UpstreamJobError",
+    "VerificationError",
+    "FileTooLargeError",
     "RemoteTraceback",
 ]
 
@@ -106,6 +112,21 @@ class SchedulerLostError(NodeLostError):
 
 class JobCancelledError(JobError):
     """The job was cancelled before it started."""
+
+
+class UpstreamJobError(JobError):
+    """The job did not run: a job or future among its arguments failed or was cancelled.
+    That upstream exception is the ``__cause__``."""
+
+
+class VerificationError(JobError):
+    """No result of the job could be trusted: it failed ``verify``, or the replicas that ran it
+    did not agree, on every node it was run on (up to ``max_reruns``). The message says which."""
+
+
+class FileTooLargeError(ClusterError):
+    """A file a job sends back (``clusterpy.send_file``) is larger than allowed: the node's
+    ``--max-send-file`` (raised in the job) or the client's ``max_file_size``."""
 
 
 class RemoteTraceback(Exception):

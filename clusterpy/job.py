@@ -24,11 +24,14 @@ class JobStatus(enum.Enum):
 
     ``Terminated`` means the job ended with an exception (raised by the computation, its worker
     died, or it ran past its timeout); ``Abandoned`` means its node was lost and it was not
-    resubmitted; ``Cancelled`` means the user cancelled it.
+    resubmitted; ``Cancelled`` means the user cancelled it. ``ProvisionalResult``: the running
+    job sent an intermediate result (``clusterpy.provisional_result``), now in ``job.result``;
+    the job goes on.
     """
 
     Created = "Created"
     Running = "Running"
+    ProvisionalResult = "ProvisionalResult"
     Finished = "Finished"
     Terminated = "Terminated"
     Cancelled = "Cancelled"
@@ -36,7 +39,7 @@ class JobStatus(enum.Enum):
 
     @property
     def done(self) -> bool:
-        return self not in (JobStatus.Created, JobStatus.Running)
+        return self not in (JobStatus.Created, JobStatus.Running, JobStatus.ProvisionalResult)
 
 
 _ids = itertools.count(1)
@@ -51,13 +54,14 @@ class ClusterJob:
 
     Fields (as in dispy): ``id`` (assignable), ``args``, ``kwargs``, ``status``, ``result``,
     ``exception``, ``stdout``, ``stderr``, ``start_time``, ``end_time``, ``ip_addr``, plus
-    ``node_id``, ``hostname``, ``cpu_time``, ``exit_code``, ``submit_time``.
+    ``node_id``, ``hostname``, ``cpu_time``, ``exit_code``, ``submit_time``, and ``files``:
+    the paths on this machine of the files the job sent back (``clusterpy.send_file``).
     """
 
     __slots__ = (
         "id", "args", "kwargs", "status", "result", "exception", "stdout", "stderr",
         "start_time", "end_time", "ip_addr", "node_id", "hostname", "cpu_time", "exit_code",
-        "submit_time", "_key", "_future", "_cluster", "__weakref__",
+        "submit_time", "files", "_key", "_future", "_cluster", "__weakref__",
     )
 
     def __init__(self, cluster: Any, args: tuple[Any, ...], kwargs: dict[str, Any], submit_time: float) -> None:
@@ -78,8 +82,11 @@ class ClusterJob:
         self.cpu_time = 0.0
         self.exit_code: int | None = None
         self.submit_time = submit_time
+        self.files: list[str] = []
         self._future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._cluster = cluster
+        if cluster is not None:  # future.cancel() (executor users) cancels the job on its node
+            self._future.add_done_callback(self._future_done)
 
     def __call__(self, timeout: float | None = None) -> Any:
         """Wait for the job and return its result, or raise its exception.
@@ -90,7 +97,33 @@ class ClusterJob:
         return self._future.result(timeout)
 
     def __await__(self) -> Generator[Any, None, Any]:
-        return asyncio.wrap_future(self._future).__await__()
+        return self._wait().__await__()
+
+    async def _wait(self) -> Any:
+        # Shielded so that cancelling the awaiting task does not just drop the concurrent
+        # future: the job is cancelled on its node (terminated if it runs), and the task
+        # gets its CancelledError.
+        inner = asyncio.wrap_future(self._future)
+        try:
+            return await asyncio.shield(inner)
+        except asyncio.CancelledError:
+            # Nobody awaits inner any more: fetch its outcome so asyncio does not log it.
+            inner.add_done_callback(lambda f: f.cancelled() or f.exception())
+            if not self._future.done():
+                self.cancel()
+            raise
+
+    def _future_done(self, future: concurrent.futures.Future[Any]) -> None:
+        if future.cancelled():
+            try:
+                self._cluster.cancel(self)
+            except RuntimeError:  # the cluster's loop is gone: nothing left to cancel
+                pass
+
+    def __reduce__(self) -> Any:
+        # Explicit, so that a job among submit()'s arguments is recognised (clusterpy.dataflow).
+        raise TypeError(f"a ClusterJob cannot be pickled (job {self.id!r}); pass it to submit() "
+                        "to use its result in another job")
 
     def done(self) -> bool:
         return self._future.done()

@@ -35,12 +35,19 @@ from .errors import ClusterError, ProtocolError
 from .filestore import FileStore
 from .identity import DEFAULT_NODE_PORT, local_info
 from .node_session import ClientSession, Computation, QueuedJob, job_done_message
-from .pool import JobOutcome, WorkerJob, WorkerPool
+from .benchmark import run_benchmark
+from .pool import JobMessage, JobOutcome, WorkerJob, WorkerPool
+from .progress import DEFAULT_MAX_SEND_FILE
 from .protocol import messages as m
 from .protocol.framing import DEFAULT_MAX_FRAME
+from .config import OptionParser, byte_size, log_level, non_negative_int, positive_float, positive_int
+from .config import secret_file_from, setup_logging
+from .errors import ConfigurationError
 from .secret import load_secret
+from . import tls
+from .core.admission import Admission
 from .transport.stream import accept
-from .transport.udp import discovery_options
+from .transport.udp import DiscoveryResponder, add_discovery_arguments, discovery_options
 
 __all__ = ["NodeServer", "main"]
 
@@ -64,6 +71,13 @@ class NodeServer:
             stay on the node for it to come back (``recover_jobs``); then they are removed.
         max_kept_bytes: disk budget for results kept for gone clients; past it a result is
             replaced by a small "dropped" report.
+        max_send_file: largest file a job may send back (``clusterpy.send_file``); a bigger
+            one makes the call raise FileTooLargeError in the job.
+        score: the node's speed score told to clients; None: run :mod:`clusterpy.benchmark`
+            at start.
+        slowdown, inject_faults: testing aids only (``--slowdown``, ``--inject-faults``): every
+            job takes ``slowdown`` times as long (and the score is divided by it); with
+            ``"corrupt-results"`` every result is altered, so that ``verify`` and voting catch it.
     """
 
     def __init__(
@@ -82,18 +96,41 @@ class NodeServer:
         result_lease: float = 3600.0,
         max_kept_bytes: int = 1 << 30,
         max_file_size: int | None = None,
+        quota: int | None = None,
+        certfile: str | os.PathLike[str] | None = None,
+        keyfile: str | os.PathLike[str] | None = None,
+        cafile: str | os.PathLike[str] | None = None,
         discovery: bool = True,
         discovery_port: int | None = None,
         advertise: str | None = None,
         announce_interval: float = 60.0,
         discovery_interfaces: str | list[str] | None = None,
         cluster_name: str = "",
+        max_send_file: int = DEFAULT_MAX_SEND_FILE,
+        score: float | None = None,
+        slowdown: float = 1.0,
+        inject_faults: str | None = None,
     ) -> None:
         """Discovery (see clusterpy.transport.udp.DiscoveryResponder): answer on UDP
         ``discovery_port`` (default: ``port``, or 9700 if ``port`` is 0) and announce on the
-        interfaces ``host`` covers; ``advertise`` is the address announced instead of ours."""
+        interfaces ``host`` covers; ``advertise`` is the address announced instead of ours.
+
+        Security options (docs/SECURITY.md): ``certfile``/``keyfile``/``cafile`` turn on mutual
+        TLS (arguments only: the environment is read by the command line, not here);
+        ``handshake_timeout`` bounds TLS plus the clusterpy handshake; at most
+        ``max_pending_handshakes`` unauthenticated connections, the oldest dropped first;
+        ``max_file_size`` and ``quota`` bound what clients store (None: FileStore's defaults).
+
+        Raises:
+            ConfigurationError: an incomplete or unloadable TLS configuration.
+        """
         self.secret = secret
-        self.discovery = None
+        tls_files = tls.resolve_files(certfile, keyfile, cafile, environ={})
+        self.ssl = None if tls_files is None else tls.server_context(
+            tls_files.certfile or "", tls_files.keyfile, tls_files.cafile)
+        self._admission: Admission[asyncio.StreamWriter] = Admission(max_pending_handshakes)
+        self._admitted: dict[asyncio.StreamWriter, asyncio.Task[object]] = {}
+        self.discovery: DiscoveryResponder | None = None
         self._discovery_opts = None if not discovery else dict(
             port=discovery_port or port or DEFAULT_NODE_PORT, advertise=advertise, announce_interval=announce_interval,
             interfaces=discovery_interfaces, cluster_name=cluster_name)
@@ -112,11 +149,19 @@ class NodeServer:
         self.node_id = uuid.uuid4().hex  # a new incarnation each start
         self.started_at = time.time()
         self.store: FileStore | None = None
-        self.pool = WorkerPool(self.cpus)
+        if inject_faults not in (None, "corrupt-results"):
+            raise ConfigurationError(f"unknown fault to inject: {inject_faults!r} (known: corrupt-results)")
+        self.slowdown = max(1.0, float(slowdown))
+        self.score = score
+        job_options: dict[str, object] = {"max_file": max_send_file}
+        if self.slowdown > 1.0:
+            job_options["slowdown"] = self.slowdown
+        if inject_faults:
+            job_options["fault"] = inject_faults
+        self.pool = WorkerPool(self.cpus, job_options=job_options)
         self.comps: dict[str, Computation] = {}
         self._server: asyncio.base_events.Server | None = None
         self._sessions: set[ClientSession] = set()
-        self._handshaking = 0
         self._run_queue: collections.deque[QueuedJob] = collections.deque()
         self._slots = self.cpus
         self._tasks: set[asyncio.Task[object]] = set()
@@ -124,6 +169,7 @@ class NodeServer:
         self.jobs_done = 0
         self.clients_served = 0
         self.max_file_size = max_file_size  # None: the FileStore's default
+        self.quota = quota  # None: the FileStore's default
         # --serve N: computations closed so far, and a callback told each time (the shell stops at N).
         self.computations_closed = 0
         self.on_computation_closed: Callable[[int], None] | None = None
@@ -134,21 +180,31 @@ class NodeServer:
         self.dest_path.mkdir(parents=True, exist_ok=True, mode=0o700)
         shutil.rmtree(self.kept_dir, ignore_errors=True)  # a previous incarnation's: nobody can claim them
         self.kept_dir.mkdir(mode=0o700)
-        self.store = FileStore(self.dest_path, **({} if self.max_file_size is None else {"max_file_size": self.max_file_size}))
-        await self.pool.start()
+        limits = {"max_file_size": self.max_file_size, "quota": self.quota}
+        self.store = FileStore(self.dest_path, **{k: v for k, v in limits.items() if v is not None})
+        # The benchmark (~50-100 ms, in a thread) overlaps the workers' start-up.
+        bench = None if self.score is not None else asyncio.ensure_future(
+            asyncio.to_thread(run_benchmark, slowdown=self.slowdown))
+        try:
+            await self.pool.start()
+        finally:
+            if bench is not None:
+                self.score = await bench
+        if bench is not None:
+            log.info("speed score %.1f (clusterpy.benchmark%s)", self.score,
+                     f", --slowdown {self.slowdown:g}" if self.slowdown > 1.0 else "")
         self._server = await asyncio.start_server(self._on_connect, self.host, self.port, reuse_address=True)
         sock = self._server.sockets[0]
         self.port = sock.getsockname()[1]
         self._spawn(self._watch_zombies())
         if self._discovery_opts is not None:
-            from .transport.udp import DiscoveryResponder
-
             self.discovery = DiscoveryResponder(self.secret, host=self.host, tcp_port=self.port, cpus=self.cpus,
                                                 node_id=self.node_id, **self._discovery_opts)
             await self.discovery.start()
         log.info(
-            "clusterpy-node %s listening on %s:%d with %d CPUs (node id %s, files in %s)",
+            "clusterpy-node %s listening on %s:%d with %d CPUs (node id %s, files in %s, %s)",
             __version__, self.host, self.port, self.cpus, self.node_id[:12], self.dest_path,
+            "mutual TLS" if self.ssl is not None else "no TLS",
         )
 
     async def aclose(self) -> None:
@@ -184,7 +240,7 @@ class NodeServer:
         await self._closed.wait()
 
     def info(self) -> dict[str, str]:
-        return local_info(node_id=self.node_id, cpus=self.cpus)
+        return local_info(node_id=self.node_id, cpus=self.cpus, score=self.score if self.score is not None else 1.0)
 
     def _spawn(self, coro: object) -> asyncio.Task[object]:
         task: asyncio.Task[object] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
@@ -194,31 +250,49 @@ class NodeServer:
 
     # ---------------------------------------------------------------- connections
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio's connection callback; synchronous on purpose: it runs before asyncio first
+        reads the socket, so with TLS the transport is paused in time (see stream.accept)."""
         if self._closed.is_set():
-            writer.close()
+            writer.transport.abort()
             return
-        if self._handshaking >= self.max_pending_handshakes:
-            log.warning("refused %s: %d unauthenticated connections already pending", peer, self._handshaking)
-            writer.close()
-            return
-        self._handshaking += 1
+        if self.ssl is not None:
+            writer.transport.pause_reading()
+        self._admitted[writer] = self._spawn(self._serve_connection(reader, writer))
+        now = time.monotonic()
+        victim = self._admission.admit(writer, now)
+        if victim is not None:
+            old, age = victim
+            old.transport.abort()  # also when its task has not started yet
+            task = self._admitted.pop(old, None)
+            if task is not None:
+                task.cancel()
+            dropped = self._admission.report_due(now)
+            if dropped:
+                log.warning("%d unauthenticated connections pending (the limit): dropped %d oldest, the last "
+                            "from %s after %.1fs", self._admission.limit, dropped,
+                            old.get_extra_info("peername"), age)
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
         try:
             conn = await accept(
                 reader, writer,
                 secret=self.secret, role="node", info=self.info(),
                 expected_peer_roles=frozenset({"client", "scheduler"}),
-                handshake_timeout=self.handshake_timeout, max_frame=self.max_frame,
+                handshake_timeout=self.handshake_timeout, max_frame=self.max_frame, ssl=self.ssl,
             )
         except (ClusterError, OSError, asyncio.TimeoutError) as exc:
             log.warning("refused connection from %s: %s", peer, exc)
             return
         finally:
-            self._handshaking -= 1
+            self._admission.finished(writer)
+            self._admitted.pop(writer, None)
         session = ClientSession(self, conn)
         self._sessions.add(session)
-        log.info("client %s (%s) connected", conn.peer_info.get("hostname", "?"), peer)
+        tls_info = conn.tls
+        log.info("client %s (%s) connected%s", conn.peer_info.get("hostname", "?"), peer,
+                 "" if tls_info is None else f" over {tls_info['version']} as {tls_info['peer']!r}")
         try:
             await session.serve()
         finally:
@@ -336,7 +410,8 @@ class NodeServer:
                 job.comp.owner.started(job)
             if req.timeout is not None and req.timeout > 0:
                 timer = asyncio.get_running_loop().call_later(req.timeout, self._time_out, job)
-            outcome = await self.pool.run(WorkerJob(job.key, job.comp.comp_id, req.args))
+            outcome = await self.pool.run(WorkerJob(job.key, job.comp.comp_id, req.args),
+                                          on_message=lambda msg: self._job_message(job, msg))
         finally:
             if timer is not None:
                 timer.cancel()
@@ -344,6 +419,19 @@ class NodeServer:
             self._pump()
         self.jobs_done += 1
         await self._report(job, outcome)
+
+    def _job_message(self, job: QueuedJob, msg: JobMessage) -> None:
+        """Forward a provisional result or a file piece to the job's client, in order (dropped
+        while the client is away: only final results are kept for its return)."""
+        owner = job.comp.owner
+        if owner is None or owner.conn.closed or self.comps.get(job.comp.comp_id) is not job.comp:
+            return
+        req = job.request
+        if msg.kind == "progress":
+            assert msg.value is not None
+            owner.deliver(m.JobProgress(job.comp.comp_id, req.job_id, req.attempt, msg.value))
+        else:
+            owner.deliver(m.JobFile(job.comp.comp_id, req.job_id, req.attempt, msg.name, msg.data, msg.last, msg.error))
 
     def _time_out(self, job: QueuedJob) -> None:
         job.timed_out = True
@@ -389,63 +477,131 @@ class NodeServer:
 # -------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="clusterpy-node",
-        description="Run clusterpy jobs for authenticated clients on this machine.",
-        epilog="The secret comes from --secret-file, CLUSTERPY_SECRET, CLUSTERPY_SECRET_FILE, or the "
-        "per-user file ~/.config/clusterpy/secret (created on first use), in that order.",
+def build_parser() -> OptionParser:
+    """The clusterpy-node command line; every option also from CLUSTERPY_<NAME> or --config."""
+    opts = OptionParser(
+        "clusterpy-node", "node", "Run clusterpy jobs for authenticated clients on this machine.",
+        epilog="The secret comes from --secret-file, CLUSTERPY_SECRET, CLUSTERPY_SECRET_FILE, or the per-user\n"
+               "file ~/.config/clusterpy/secret (created on first use), in that order.\n"
+               "On SIGTERM or SIGINT the node stops: running jobs are terminated, clients' connections are\n"
+               "closed (their jobs count as lost), and every worker process exits before the node does.",
     )
-    p.add_argument("--host", default=os.environ.get("CLUSTERPY_HOST", "127.0.0.1"),
-                   help="address to listen on (default 127.0.0.1; use 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("CLUSTERPY_PORT", DEFAULT_NODE_PORT)),
-                   help=f"TCP port (default {DEFAULT_NODE_PORT}; 0 picks a free port)")
-    p.add_argument("--cpus", type=int, default=None, help="worker processes, one per CPU (default: all CPUs)")
-    p.add_argument("--dest-path", default=os.environ.get("CLUSTERPY_DEST_PATH"),
-                   help=f"directory for computations' files and the file cache (default {default_dest_path()})")
-    p.add_argument("--secret-file", default=None, help="file holding the cluster secret")
-    p.add_argument("--keep-files", action="store_true", help="keep computations' files after their client closes")
-    p.add_argument("--max-frame", type=int, default=DEFAULT_MAX_FRAME,
-                   help="largest message accepted from an authenticated peer, in bytes")
-    p.add_argument("--zombie-interval", type=float, default=60.0,
-                   help="seconds without a pulse after which a client is treated as gone (default 60)")
-    p.add_argument("--result-lease", type=float, default=3600.0,
-                   help="seconds a gone client's jobs, results and files are kept for it to recover "
-                   "them with recover_jobs (default 3600)")
-    p.add_argument("--max-kept-bytes", type=int, default=1 << 30,
-                   help="disk budget for results kept for gone clients (default 1 GiB)")
-    p.add_argument("--log-level", default=os.environ.get("CLUSTERPY_LOG_LEVEL", "INFO"),
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default INFO)")
-    from .transport.udp import add_discovery_arguments
+    opts.add("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    opts.add("--port", type=_port, default=DEFAULT_NODE_PORT, help="TCP port (0 picks a free port)")
+    opts.add("--cpus", type=positive_int, metavar="N", help="jobs run at once, each in its own worker process (default: all CPUs)")
+    opts.add("--dest-path", metavar="DIR",
+             help=f"directory for computations' files and the file cache (default {default_dest_path()})")
+    opts.add("--clean", flag=True, default=False,
+             help="empty the dest path first (refused for a directory clusterpy-node did not make)")
+    opts.add("--keep-files", flag=True, default=False, help="keep computations' files after their client closes")
+    opts.add("--serve", type=positive_int, metavar="N",
+             help="exit after serving N computations (each ends when its client closes it or its lease ends)")
+    opts.add("--max-frame", type=byte_size, default=DEFAULT_MAX_FRAME, metavar="BYTES",
+             help="largest message accepted from an authenticated peer: bytes, or 64M...")
+    opts.add("--zombie-interval", type=positive_float, default=60.0, metavar="SECONDS",
+             help="a client silent this long (no pulse) is treated as gone")
+    opts.add("--result-lease", type=positive_float, default=3600.0, metavar="SECONDS",
+             help="how long a gone client's jobs, results and files are kept for it to recover them (recover_jobs)")
+    opts.add("--max-kept-bytes", type=byte_size, default=1 << 30, metavar="BYTES",
+             help="disk budget for results kept for gone clients")
+    opts.add("--max-send-file", type=byte_size, default=DEFAULT_MAX_SEND_FILE, metavar="BYTES",
+             help="largest file a job may send back to its client (clusterpy.send_file)")
+    opts.add("--slowdown", type=positive_float, default=1.0, metavar="FACTOR",
+             help="TESTING AID: make every job take FACTOR times as long (and the speed score FACTOR times lower)")
+    opts.add("--inject-faults", choices=["corrupt-results"], metavar="FAULT",
+             help="TESTING AID: corrupt-results alters every job's result, to test verify= and replicas=")
+    opts.add("--secret-file", metavar="FILE", env=False, help="file holding the cluster secret")
+    opts.add("--log-level", type=log_level, default="INFO", metavar="LEVEL",
+             help="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    opts.add("--log-file", metavar="FILE", help="append log messages to this file instead of stderr")
+    add_discovery_arguments(opts.parser)
+    tls.add_daemon_security_arguments(opts)
+    return opts
 
-    add_discovery_arguments(p)
-    return p
+
+def _port(text: str | int) -> int:
+    port = non_negative_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {port}")
+    return port
+
+
+#: Written into the dest path by the daemon: only such a directory may be wiped by --clean.
+CLEAN_MARKER = ".clusterpy-node"
+
+
+def _clean(dest: Path) -> None:
+    """Empty ``dest`` (--clean), if it is a directory this daemon made (it has the marker file).
+
+    Raises:
+        ConfigurationError: ``dest`` holds files but no marker: it may be someone's data.
+        OSError: something could not be removed.
+    """
+    if not dest.is_dir():
+        return
+    entries = [e for e in dest.iterdir() if e.name != CLEAN_MARKER]
+    if entries and not (dest / CLEAN_MARKER).is_file():
+        raise ConfigurationError(
+            f"refusing to --clean {dest}: clusterpy-node did not make it (no {CLEAN_MARKER} file); "
+            "empty it yourself or choose another --dest-path")
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    log.info("--clean: emptied %s (%d entries)", dest, len(entries))
 
 
 async def _serve(args: argparse.Namespace, secret: bytes) -> None:
+    """Run the node until SIGTERM/SIGINT (or --serve N computations), then close it fully."""
     node = NodeServer(
         secret=secret, host=args.host, port=args.port, cpus=args.cpus,
         dest_path=args.dest_path, keep_files=args.keep_files, max_frame=args.max_frame,
         zombie_interval=args.zombie_interval, result_lease=args.result_lease, max_kept_bytes=args.max_kept_bytes,
-        **discovery_options(args),
+        max_send_file=args.max_send_file, slowdown=args.slowdown, inject_faults=args.inject_faults,
+        **discovery_options(args), **tls.daemon_security_options(args),
     )
-    await node.start()
-    print(f"clusterpy-node listening on {node.host}:{node.port} cpus={node.cpus} id={node.node_id}", flush=True)
+    if args.clean:
+        _clean(node.dest_path)
+    stop = asyncio.Event()
+    why: list[str] = []
+
+    def request_stop(reason: str) -> None:
+        if not why:
+            why.append(reason)
+            log.info("stopping: %s", reason)
+        stop.set()
+
+    if args.serve is not None:
+        node.on_computation_closed = lambda n: request_stop(f"served {n} computations (--serve)") if n >= args.serve else None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(node.aclose()))
-    await node.serve_forever()
-    await node.aclose()
+        loop.add_signal_handler(sig, request_stop, signal.Signals(sig).name)
+    try:
+        await node.start()
+        (node.dest_path / CLEAN_MARKER).touch()
+        print(f"clusterpy-node listening on {node.host}:{node.port} cpus={node.cpus} id={node.node_id}", flush=True)
+        await stop.wait()
+    finally:
+        await node.aclose()  # terminates running jobs, closes sessions, waits for every worker
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.cpus is not None and args.cpus < 1:
-        build_parser().error("--cpus must be at least 1")
+    """The clusterpy-node console script: exit status 0 after a clean stop, 1 if the node could
+    not run, 2 for a bad command line (one line and the usage)."""
+    opts = build_parser()
+    args = opts.parse(argv)
     try:
-        secret = load_secret(secret_file=args.secret_file)
+        setup_logging(args.log_level, args.log_file)
+    except OSError as exc:
+        opts.error(f"--log-file {args.log_file}: {exc.strerror or exc}")
+    try:
+        secret = load_secret(secret_file=secret_file_from(args))
         asyncio.run(_serve(args, secret))
+    except ConfigurationError as exc:
+        opts.error(str(exc))
     except ClusterError as exc:
         print(f"clusterpy-node: {exc}", file=sys.stderr)
         return 1

@@ -74,6 +74,11 @@ class Computation:
     kept: int = 0
     kept_bytes: int = 0
     lease: asyncio.TimerHandle | None = None
+    # Scatter (AddFiles): files being added in order, jobs held until they are in place,
+    # and transfers that failed whose remaining chunks are ignored.
+    adds: list["PendingAdd"] = field(default_factory=list)
+    held: list[QueuedJob] = field(default_factory=list)
+    discarding: set[str] = field(default_factory=set)
 
     def keep(self, message: m.JobDone) -> int:
         """Append a result for a client that is away; returns the bytes used."""
@@ -165,13 +170,18 @@ class ClientSession:
                     continue  # a duplicate dispatch of the same attempt: run it once
                 job = QueuedJob(comp, req, key)
                 comp.jobs[key] = job
-                self.node.enqueue(job)
+                if comp.adds:  # submitted after an AddFiles: runs once those files are in place
+                    comp.held.append(job)
+                else:
+                    self.node.enqueue(job)
         elif isinstance(msg, m.Ping):
             self.send(m.Pong(msg.sent))
         elif isinstance(msg, m.Pong):
             pass
         elif isinstance(msg, m.FileChunk):
             self._on_chunk(msg)
+        elif isinstance(msg, m.AddFiles):
+            self._on_add_files(msg)
         elif isinstance(msg, m.DeployComputation):
             self._on_deploy(msg)
         elif isinstance(msg, m.AttachComputation):
@@ -262,7 +272,10 @@ class ClientSession:
 
     def _on_chunk(self, msg: m.FileChunk) -> None:
         comp = self.comps.get(msg.comp_id)
-        if comp is None or comp.ready:
+        if comp is not None and comp.ready:
+            self._on_added_chunk(comp, msg)
+            return
+        if comp is None:
             raise ProtocolError(f"file data for computation {msg.comp_id!r} that is not being deployed")
         incoming = comp.incoming.get(msg.sha256)
         if incoming is None:
@@ -300,6 +313,79 @@ class ClientSession:
         log.info("computation %s ready (%d files)", comp.comp_id, len(msg.files))
         self.send(m.ComputationReady(comp.comp_id))
 
+    # ---------------------------------------------------------------- files added later (scatter)
+
+    def _on_add_files(self, msg: m.AddFiles) -> None:
+        comp = self.comps.get(msg.comp_id)
+        if comp is None or not comp.ready:
+            raise ProtocolError(f"files added to computation {msg.comp_id!r} that is not ready")
+        store = self.node.store
+        assert store is not None
+        add = PendingAdd(msg)
+        missing: list[str] = []
+        try:
+            for f in msg.files:
+                validate_name(f.name)
+            for f in msg.files:
+                if f.sha256 not in comp.incoming and f.sha256 not in missing and not store.has(f.sha256):
+                    comp.incoming[f.sha256] = store.begin(f.sha256, f.size)
+                    missing.append(f.sha256)
+        except DependencyError as exc:
+            for sha in missing:
+                comp.incoming.pop(sha).abort()  # type: ignore[attr-defined]
+            missing.clear()
+            add.error = str(exc)
+        comp.adds.append(add)
+        self.send(m.FilesNeeded(msg.comp_id, tuple(missing)))
+        self._place_added(comp)
+
+    def _on_added_chunk(self, comp: Computation, msg: m.FileChunk) -> None:
+        if msg.sha256 in comp.discarding:  # the rest of a transfer that failed
+            if msg.last:
+                comp.discarding.discard(msg.sha256)
+            return
+        incoming = comp.incoming.get(msg.sha256)
+        if incoming is None:
+            raise ProtocolError(f"file data for {msg.sha256[:12]} that was not asked for")
+        try:
+            incoming.write(msg.data)  # type: ignore[attr-defined]
+            if msg.last:
+                incoming.finish()  # type: ignore[attr-defined]
+                del comp.incoming[msg.sha256]
+        except DependencyError as exc:
+            incoming.abort()  # type: ignore[attr-defined]
+            del comp.incoming[msg.sha256]
+            if not msg.last:
+                comp.discarding.add(msg.sha256)
+            for add in comp.adds:
+                if add.error is None and any(f.sha256 == msg.sha256 for f in add.msg.files):
+                    add.error = str(exc)
+        self._place_added(comp)
+
+    def _place_added(self, comp: Computation) -> None:
+        """Place the files of every leading AddFiles whose transfers ended; once none is
+        pending, start the jobs held behind them (in the order they came)."""
+        store = self.node.store
+        assert store is not None
+        while comp.adds:
+            add = comp.adds[0]
+            if add.error is None and any(f.sha256 in comp.incoming for f in add.msg.files):
+                return
+            comp.adds.pop(0)
+            if add.error is None:
+                try:
+                    for f in add.msg.files:
+                        store.place(comp.workdir, f.name, f.sha256, f.mode)
+                except DependencyError as exc:
+                    add.error = str(exc)
+            if add.error is not None:
+                log.warning("computation %s: files not added: %s", comp.comp_id, add.error)
+            self.send(m.FilesAdded(comp.comp_id, tuple(f.sha256 for f in add.msg.files), add.error))
+        held, comp.held = comp.held, []
+        for job in held:
+            if not job.cancelled:
+                self.node.enqueue(job)
+
     def _fail(self, comp: Computation, reason: str) -> None:
         log.warning("computation %s from %s failed: %s", comp.comp_id, self.conn.peername, reason)
         for incoming in comp.incoming.values():
@@ -326,10 +412,18 @@ class ClientSession:
         for comp_id, starts in by_comp.items():
             self.send(m.JobsStarted(comp_id, tuple(starts)))
 
-    def deliver(self, message: m.JobDone) -> None:
+    def deliver(self, message: m.JobDone | m.JobProgress | m.JobFile) -> None:
         if self._started:
             self._flush_started()  # Running must reach the client before Done
         self.send(message)
+
+
+@dataclass(eq=False)
+class PendingAdd:
+    """One AddFiles being received; ``error`` once it failed (reported in FilesAdded)."""
+
+    msg: m.AddFiles
+    error: str | None = None
 
 
 def job_done_message(job: QueuedJob, o: JobOutcome) -> m.JobDone:

@@ -48,7 +48,7 @@ from typing import Any
 from .errors import ClusterClosedError, ClusterError, ConfigurationError
 from .worker import FrameDecoder, encode_frame, read_capped
 
-__all__ = ["ComputationSpec", "WorkerJob", "JobOutcome", "WorkerPool"]
+__all__ = ["ComputationSpec", "WorkerJob", "JobOutcome", "JobMessage", "WorkerPool"]
 
 log = logging.getLogger("clusterpy.pool")
 
@@ -59,6 +59,8 @@ CLOSE_GRACE = 2.0
 #: Seconds to wait, after a worker exited, for its pipes to close (a forked grandchild
 #: outside its process group could hold them open forever).
 EXIT_FLUSH_DELAY = 2.0
+#: Default largest file a job may send back (clusterpy.progress.DEFAULT_MAX_SEND_FILE).
+_DEFAULT_MAX_SEND_FILE = 64 * 1024 * 1024
 #: Delays before each attempt to start a replacement worker; then the pool is broken.
 RESPAWN_DELAYS = (0.0, 0.2, 1.0)
 
@@ -113,6 +115,22 @@ class JobOutcome:
     exit_code: int | None
 
 
+@dataclass(frozen=True)
+class JobMessage:
+    """Something a running job sent before its end (:mod:`clusterpy.progress`), handed to
+    ``run(..., on_message=)`` in order: a provisional result (``kind`` "progress", ``value``
+    the cloudpickle bytes) or a piece of a file (``kind`` "file": ``name``, ``data``, ``last``;
+    ``error`` if the transfer failed or was refused: what came before it is void)."""
+
+    job_id: str
+    kind: str
+    value: bytes | None = field(default=None, repr=False)
+    name: str = ""
+    data: bytes = field(default=b"", repr=False)
+    last: bool = False
+    error: str | None = None
+
+
 class _WorkerGone(Exception):
     """The worker process exited while a call to it was outstanding."""
 
@@ -164,6 +182,9 @@ class _Worker:
         self.loaded: dict[str, ComputationSpec] = {}
         self.job_id: str | None = None
         self.terminating = False
+        # While a job runs: where its mid-job messages go, and the bytes of each file so far.
+        self.on_message: Any = None
+        self.file_bytes: dict[str, int] = {}
         self._timers: list[asyncio.TimerHandle] = []
 
     def __repr__(self) -> str:
@@ -220,12 +241,55 @@ class _Worker:
             self.kill()
             return
         for message in messages:
+            if message[0] in ("progress", "file"):
+                self._job_message(message)
+                continue
             future = self.pending
             if future is None or future.done():
                 log.warning("worker %d sent an unexpected %r message", self.pid, message[0])
                 continue
             self.pending = None
             future.set_result(message)
+
+    def _job_message(self, message: tuple[Any, ...]) -> None:
+        """Check a mid-job message's shape and size, and pass it on (or drop it: nobody asked)."""
+        try:
+            if message[0] == "progress":
+                _, job_id, value = message
+                if not isinstance(value, bytes):
+                    raise TypeError("value")
+                out = JobMessage(job_id, "progress", value=value)
+            else:
+                _, job_id, name, data, last, error = message
+                if not (isinstance(name, str) and isinstance(data, bytes) and isinstance(last, bool)
+                        and (error is None or isinstance(error, str))):
+                    raise TypeError("file fields")
+                size = self.file_bytes.get(name, 0)
+                if size < 0:  # this file was refused: ignore its remaining pieces
+                    if last:
+                        del self.file_bytes[name]
+                    return
+                size += len(data)
+                limit = self.pool.max_send_file
+                if size > limit and error is None:
+                    error = f"file {name!r} is over this node's limit of {limit} bytes for files sent back"
+                    data, last = b"", True
+                    self.file_bytes[name] = -1  # the rest, if any, is dropped
+                elif last:
+                    self.file_bytes.pop(name, None)
+                else:
+                    self.file_bytes[name] = size
+                out = JobMessage(job_id, "file", name=name, data=data, last=last, error=error)
+        except (TypeError, ValueError):
+            log.warning("worker %d sent a malformed %r message; ignored", self.pid, message[0])
+            return
+        if job_id != self.job_id or self.on_message is None:
+            log.debug("worker %d: %s message for job %s that nobody awaits", self.pid, message[0], job_id)
+            return
+        try:
+            self.on_message(out)
+        except Exception:
+            log.exception("handling a %s message of job %s failed", message[0], job_id)
 
     def on_channel_closed(self) -> None:
         # A worker closes its channel only by exiting; give it a moment to be seen exiting.
@@ -308,11 +372,15 @@ class WorkerPool:
     ``env`` is the environment of the worker processes (default: the node's).
     """
 
-    def __init__(self, cpus: int, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, cpus: int, *, env: dict[str, str] | None = None,
+                 job_options: dict[str, Any] | None = None) -> None:
         if not isinstance(cpus, int) or cpus < 1:
             raise ConfigurationError(f"a worker pool needs at least one CPU, not {cpus!r}")
         self.cpus = cpus
         self._env = dict(env) if env is not None else None
+        # Passed to every run: "max_file", and the testing aids "slowdown", "fault" (clusterpy.worker).
+        self.job_options: dict[str, Any] = dict(job_options or {})
+        self.max_send_file: int = int(self.job_options.setdefault("max_file", _DEFAULT_MAX_SEND_FILE))
         self._specs: dict[str, ComputationSpec] = {}
         self._workers: set[_Worker] = set()  # every process started and not yet finished
         self._idle: list[_Worker] = []
@@ -447,13 +515,17 @@ class WorkerPool:
             # The tasks belong to the pool: cancelling this call does not interrupt cleanups.
             await asyncio.wait(tasks)
 
-    async def run(self, job: WorkerJob) -> JobOutcome:
+    async def run(self, job: WorkerJob, *, on_message: Any = None) -> JobOutcome:
         """Run ``job`` on the next idle worker and return its outcome.
 
         Never raises for the job's own failures: an exception, a failed setup, a worker
         that died or was terminated all come back as a JobOutcome. If the calling task is
         cancelled while the job runs, its worker is killed (and replaced) and
         CancelledError propagates.
+
+        ``on_message(JobMessage)`` is called (in the event loop, in order, before run returns)
+        with each provisional result and file piece the job sends (:mod:`clusterpy.progress`);
+        files over ``job_options["max_file"]`` end with an ``error`` piece.
 
         Raises:
             KeyError: the computation is not registered.
@@ -474,6 +546,7 @@ class WorkerPool:
             raise ValueError(f"job {job.job_id!r} is already running")
         self._running[job.job_id] = worker
         worker.job_id = job.job_id
+        worker.on_message, worker.file_bytes = on_message, {}
         start = time.time()
         try:
             if worker.loaded.get(spec.comp_id) is not spec:
@@ -486,7 +559,7 @@ class WorkerPool:
                 worker.loaded[spec.comp_id] = spec
                 if reply[2] is not None:
                     log.warning("setup of computation %s failed in worker %d: %s", spec.comp_id, worker.pid, reply[2])
-            reply = await worker.call(("run", job.job_id, job.comp_id, job.args))
+            reply = await worker.call(("run", job.job_id, job.comp_id, job.args, self.job_options))
         except _WorkerGone as gone:
             return await self._lost_outcome(worker, job, start, gone.returncode)
         except BaseException:
@@ -498,6 +571,7 @@ class WorkerPool:
         finally:
             self._running.pop(job.job_id, None)
             worker.job_id = None
+            worker.on_message = None
         self._release(worker)
         return JobOutcome(**reply[1])
 

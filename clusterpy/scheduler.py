@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, tls
 from .core.scheduler import (
     CancelOnNode,
     CancelRequested,
@@ -48,6 +48,7 @@ from .core.scheduler import (
 from .errors import ClusterError, ConnectionClosedError, DependencyError, ProtocolError
 from .filestore import FileStore, validate_name
 from .identity import DEFAULT_NODE_PORT, DEFAULT_SCHEDULER_PORT, local_info
+from .monitor import JobHistory, SchedulerSource, parse_monitor, report_ended, require_aiohttp, resolved_ended, start_monitor
 from .nodelink import DeploymentRefused, NodeLink, sources_from_store
 from .protocol import codec
 from .protocol import messages as m
@@ -77,6 +78,7 @@ class _SharedComp:
 class _SharedJob:
     comp: _SharedComp
     request: m.JobRequest  # as the client sent it (its attempt number)
+    started: float | None = None  # when its node started it (for the monitor)
 
 
 class SchedulerServer:
@@ -99,7 +101,28 @@ class SchedulerServer:
         prefetch: int = 1,
         allowed_failures: int = 3,
         handshake_timeout: float = 10.0,
+        monitor: bool | int | str = False,
+        certfile: str | os.PathLike[str] | None = None,
+        keyfile: str | os.PathLike[str] | None = None,
+        cafile: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``certfile``/``keyfile``/``cafile``: mutual TLS both towards clients (as a server)
+        and towards the nodes (as a client, with the same certificate: keygen's node
+        certificates allow both). See docs/SECURITY.md.
+
+        Raises:
+            ConfigurationError: an incomplete or unloadable TLS configuration.
+        """
+        tls_files = tls.resolve_files(certfile, keyfile, cafile, environ={})
+        self.ssl = None if tls_files is None else tls.server_context(
+            tls_files.certfile or "", tls_files.keyfile, tls_files.cafile)
+        self._node_ssl = None if tls_files is None else tls.client_context(
+            tls_files.cafile, tls_files.certfile, tls_files.keyfile)
+        self._monitor_spec = parse_monitor(monitor)  # the web monitor (clusterpy.monitor), if any
+        if self._monitor_spec is not None:
+            require_aiohttp()
+        self.monitor: Any = None
+        self.history = JobHistory()
         self.secret = secret
         self.node_addresses = nodes
         self.host, self.port = host, port
@@ -129,10 +152,12 @@ class SchedulerServer:
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
+        if self._monitor_spec is not None:  # first: if it cannot bind, nothing else has started
+            self.monitor = await start_monitor(SchedulerSource(self), self._monitor_spec)
         self.dest_path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = FileStore(self.dest_path)
         for host, port in self.node_addresses:
-            link = NodeLink(self, host, port, secret=self.secret, role="scheduler",
+            link = NodeLink(self, host, port, secret=self.secret, role="scheduler", ssl=self._node_ssl,
                             reconnect_delay=min(1.0, self.pulse_interval))
             self.links.append(link)
             self._spawn(link.run())
@@ -146,6 +171,8 @@ class SchedulerServer:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self.monitor is not None:
+            await self.monitor.aclose()
         if self._server is not None:
             self._server.close()
         for session in list(self.sessions):
@@ -229,12 +256,16 @@ class SchedulerServer:
             if actions and isinstance(actions[0], DeliverResult):
                 job = self.jobs.pop(key, None)
                 if job is not None:
+                    self.history.add(report_ended(key, msg, link.node_id, job.comp.comp_id), time.monotonic())
                     self._to_client(job.comp, _with_attempt(msg, job.request.attempt))
                 actions = actions[1:]
             self.execute(actions)
         elif isinstance(msg, m.JobsStarted):
             started = tuple((f"{msg.comp_id}/{s.job_id}", s.attempt) for s in msg.jobs)
             self.core.handle(JobsStarted(link.node_id, started))
+            for s in msg.jobs:
+                if (held := self.jobs.get(f"{msg.comp_id}/{s.job_id}")) is not None:
+                    held.started = s.start_time
             comp = self.comps.get(msg.comp_id)
             if comp is not None:
                 client_view = tuple(m.JobStart(s.job_id, self.jobs[f"{msg.comp_id}/{s.job_id}"].request.attempt, s.start_time)
@@ -253,6 +284,8 @@ class SchedulerServer:
                 job = self.jobs.pop(action.job_id, None)
                 if job is not None:
                     status = "cancelled" if action.state is JobState.CANCELLED else "abandoned"
+                    self.history.add(resolved_ended(action.job_id, job.request.job_id, status == "cancelled",
+                                                    action.reason, job.comp.comp_id), time.monotonic())
                     now = time.time()
                     self._to_client(job.comp, m.JobDone(
                         job.comp.comp_id, job.request.job_id, job.request.attempt, status, None, None,
@@ -363,11 +396,19 @@ class SchedulerServer:
 
     # ---------------------------------------------------------------- clients
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Synchronous on purpose: with TLS the transport is paused before asyncio first reads
+        it (see stream.accept)."""
+        if self.ssl is not None:
+            writer.transport.pause_reading()
+        self._spawn(self._serve_client(reader, writer))
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             conn = await accept(reader, writer, secret=self.secret, role="scheduler",
                                 info=local_info(node_id=self.scheduler_id, cpus=self.client_window),
-                                expected_peer_roles=frozenset({"client"}), handshake_timeout=self.handshake_timeout)
+                                expected_peer_roles=frozenset({"client"}), handshake_timeout=self.handshake_timeout,
+                                ssl=self.ssl)
         except (ClusterError, OSError, asyncio.TimeoutError) as exc:
             log.warning("refused connection from %s: %s", writer.get_extra_info("peername"), exc)
             return
@@ -556,6 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a gone client's jobs and results are kept for recover_jobs (default 3600)")
     p.add_argument("--log-level", default=os.environ.get("CLUSTERPY_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default INFO)")
+    p.add_argument("--monitor", nargs="?", const=True, default=False, metavar="[HOST:]PORT",
+                   help="serve the web monitor (default 127.0.0.1, a free port); its URL is printed. "
+                        "Needs pip install 'clusterpy[monitor]'")
+    tls.add_tls_arguments(p)
     return p
 
 
@@ -563,9 +608,12 @@ async def _serve(args: argparse.Namespace, secret: bytes) -> None:
     sched = SchedulerServer(secret=secret, nodes=[_address(n) for n in args.nodes], host=args.host, port=args.port,
                             dest_path=args.dest_path, pulse_interval=args.pulse_interval,
                             node_timeout=args.node_timeout, zombie_interval=args.zombie_interval,
-                            result_lease=args.result_lease)
+                            result_lease=args.result_lease, monitor=args.monitor,
+                            **tls.daemon_security_options(args, limits=False))
     await sched.start()
     print(f"clusterpy-scheduler listening on {sched.host}:{sched.port} id={sched.scheduler_id}", flush=True)
+    if sched.monitor is not None:
+        print(f"clusterpy-scheduler monitor at {sched.monitor.url}", flush=True)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(sched.aclose()))

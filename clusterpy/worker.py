@@ -19,7 +19,9 @@ Data flow::
 Commands and replies (exactly one reply per command, except ``exit``)::
 
     ("load", comp_id, kind, workdir, bundle, program, env)  ->  ("loaded", comp_id, error | None)
-    ("run", job_id, comp_id, args)                          ->  ("done", {JobOutcome fields})
+    ("run", job_id, comp_id, args[, options])               ->  ("done", {JobOutcome fields})
+    during a run, unasked (clusterpy.progress)              ->  ("progress", job_id, value_bytes)
+                                                                ("file", job_id, name, data, last, error)
     ("unload", comp_id)                                     ->  ("unloaded", comp_id, error | None)
     ("exit",)                                               ->  (cleanups run, process exits 0)
     at start-up, unasked                                    ->  ("ready", pid)
@@ -34,7 +36,11 @@ files are named after the worker's pid so that the pool can still collect the ou
 (including the faulthandler traceback of a segfault) of a job whose worker died.
 
 Inside a job, :data:`current_job_id` is the id of the job being run (``None`` between
-jobs): ``import clusterpy.worker; clusterpy.worker.current_job_id``.
+jobs): ``import clusterpy.worker; clusterpy.worker.current_job_id``. :mod:`clusterpy.progress`
+sends provisional results and files through :data:`job_send` while a job runs. The run
+``options`` (from the node): ``max_file`` (bytes a sent file may have), ``slowdown`` (a factor:
+the worker waits after each job so that it takes that many times as long) and ``fault``
+(``"corrupt-results"``: results are altered), the last two being testing aids only.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import threading
 import time
 from typing import Any
 
@@ -49,6 +56,10 @@ __all__ = ["current_job_id", "encode_frame", "FrameDecoder", "read_capped", "OUT
 
 #: Id of the job this process is running now, ``None`` between jobs.
 current_job_id: str | None = None
+#: While a job runs: sends one unasked message to the pool (clusterpy.progress uses it).
+job_send: Any = None
+#: While a job runs: the node's options for it (see the module docstring).
+job_options: dict[str, Any] = {}
 
 #: Bytes of stdout (and separately of stderr) kept per job; the middle of longer output is cut.
 OUTPUT_CAP = 16 * 1024 * 1024
@@ -140,7 +151,7 @@ def _pread_all(fd: int, size: int, offset: int) -> bytes:
 
 class _Computation:
     __slots__ = ("comp_id", "kind", "workdir", "program", "env", "compute", "cleanup",
-                 "setup_error", "setup_output")
+                 "setup_error", "setup_output", "only_if", "return_files")
 
     def __init__(self, comp_id: str, kind: str, workdir: str, program: list[str] | None,
                  env: dict[str, str] | None) -> None:
@@ -153,6 +164,8 @@ class _Computation:
         self.cleanup = None
         self.setup_error: dict[str, object] | None = None
         self.setup_output: tuple[bytes, bytes] = (b"", b"")
+        self.only_if = None  # a predicate: results it rejects are dropped here (clusterpy.progress.DROPPED)
+        self.return_files = False  # run each job in a private directory; send back what it makes
 
 
 class _Worker:
@@ -164,14 +177,17 @@ class _Worker:
         self.home = os.getcwd()
         self.comps: dict[str, _Computation] = {}
         self._cloudpickle = None
+        self._send_lock = threading.Lock()
 
     # -- channel -----------------------------------------------------------------------
 
     def send(self, message: tuple[object, ...]) -> None:
-        for part in encode_frame(message):
-            view = memoryview(part)
-            while view:
-                view = view[os.write(self.chan_out, view):]
+        # A job's threads may send (clusterpy.progress) while the main thread does: one frame at a time.
+        with self._send_lock:
+            for part in encode_frame(message):
+                view = memoryview(part)
+                while view:
+                    view = view[os.write(self.chan_out, view):]
 
     def receive(self) -> tuple[Any, ...] | None:
         header = self._read_exact(_HEADER_LEN)
@@ -236,6 +252,8 @@ class _Worker:
                     parts = pickle.loads(bundle)  # type: ignore[arg-type]
                     comp.compute = parts["compute"]
                     comp.cleanup = parts.get("cleanup")
+                    comp.only_if = parts.get("only_if")
+                    comp.return_files = bool(parts.get("return_files"))
                     setup = parts.get("setup")
                     _inject(parts.get("depends") or (), (comp.compute, setup, comp.cleanup))
                     if setup is not None:
@@ -246,6 +264,11 @@ class _Worker:
                 elif kind == "program":
                     if not program:
                         raise ValueError("a program computation needs a non-empty program argv")
+                    if bundle:  # only_if / return_files (clusterpy.progress)
+                        self.cloudpickle  # noqa: B018
+                        parts = pickle.loads(bundle)
+                        comp.only_if = parts.get("only_if")
+                        comp.return_files = bool(parts.get("return_files"))
                 else:
                     raise ValueError(f"unknown computation kind {kind!r}")
             except BaseException as exc:  # noqa: BLE001 -- any failure, SystemExit included, fails the setup
@@ -273,14 +296,19 @@ class _Worker:
             while comp.workdir in sys.path:
                 sys.path.remove(comp.workdir)
             prefix = os.path.join(comp.workdir, "")
+            remote = sys.modules.get("clusterpy._remote")
+            if remote is not None:  # scattered objects this worker loaded for the computation
+                remote.forget_workdir(os.path.realpath(comp.workdir))
             for name, module in list(sys.modules.items()):
                 if (getattr(module, "__file__", None) or "").startswith(prefix):
                     del sys.modules[name]
         return error
 
-    def run(self, job_id: str, comp_id: str, args: bytes) -> dict[str, object]:
-        """Run one job; return the fields of its JobOutcome. Never raises for the job's faults."""
-        global current_job_id
+    def run(self, job_id: str, comp_id: str, args: bytes, options: dict[str, Any] | None = None) -> dict[str, object]:
+        """Run one job; return the fields of its JobOutcome. Never raises for the job's faults.
+
+        ``options``: see the module docstring (``max_file``, ``slowdown``, ``fault``)."""
+        global current_job_id, job_send, job_options
         comp = self.comps.get(comp_id)
         error: dict[str, object] | None
         if comp is None or comp.setup_error is not None:
@@ -303,17 +331,36 @@ class _Worker:
         error = None
         with _Capture(self.capture, self.devnull) as capture, _Environ(comp.env), _Cwd(comp.workdir, self.home):
             current_job_id = job_id
+            options = options or {}
+            job_send, job_options = self.send, options
             start, cpu_start = time.time(), _cpu_seconds()
+            private = None
             try:
+                if comp.return_files:
+                    from . import progress
+
+                    private = progress.private_dir(comp.workdir, job_id)
+                    os.chdir(private)
                 call_args, call_kwargs = pickle.loads(args)
-                if comp.kind == "program":
+                # An executor call or a map chunk (clusterpy._remote) decides how to call;
+                # the module is loaded only if the arguments referred to it.
+                remote = sys.modules.get("clusterpy._remote")
+                if remote is not None and call_args and isinstance(call_args[0], remote.Invocation):
+                    value = call_args[0].invoke(lambda *a, **k: self._call(comp, a, k), call_args[1:], call_kwargs)
+                elif comp.kind == "program":
                     value = exit_code = _run_program(comp, call_args, call_kwargs)
                 else:
                     value = comp.compute(*call_args, **call_kwargs)  # type: ignore[misc]
+                if comp.only_if is not None or options.get("fault"):
+                    value = self._filter(comp, value, call_args, options)
             except BaseException as exc:  # noqa: BLE001 -- SystemExit/KeyboardInterrupt end the job, not the worker
                 status, error = "exception", self._describe(exc, skip=1)
             finally:
-                current_job_id = None
+                if private is not None:  # return_files: what the job made, before its result
+                    os.chdir(comp.workdir)
+                    progress.return_made_files(self.send, job_id, private,
+                                               int(options.get("max_file", progress.DEFAULT_MAX_SEND_FILE)))
+                current_job_id, job_send, job_options = None, None, {}
             if error is None:
                 result, error = self._pickle_result(value)
                 if error is not None:
@@ -321,6 +368,10 @@ class _Worker:
                 del value
             cpu = _cpu_seconds() - cpu_start
             end = time.time()
+            slowdown = float(options.get("slowdown") or 1.0)
+            if slowdown > 1.0:  # --slowdown (a testing aid): this job takes `slowdown` times as long
+                time.sleep((slowdown - 1.0) * (end - start))
+                end = time.time()
         stdout, stderr = capture.read()
         capture.discard()
         if error is None:
@@ -330,6 +381,26 @@ class _Worker:
                     exit_code=exit_code)
 
     # -- helpers -----------------------------------------------------------------------
+
+    @staticmethod
+    def _filter(comp: _Computation, value: object, call_args: tuple[object, ...], options: dict[str, Any]) -> object:
+        """Apply the injected fault (a testing aid) and ``only_if`` to a job's result, per item for a map chunk."""
+        from . import progress
+
+        remote = sys.modules.get("clusterpy._remote")
+        chunk = remote is not None and bool(call_args) and isinstance(call_args[0], remote.Chunk)
+        if options.get("fault") == "corrupt-results":
+            value = progress.corrupt(value)
+        if comp.only_if is not None:
+            value = progress.keep_only_if(value, comp.only_if, items=chunk)
+        return value
+
+    @staticmethod
+    def _call(comp: _Computation, args: tuple[object, ...], kwargs: dict[str, object]) -> object:
+        """Call the computation itself (for a map chunk of the cluster's computation)."""
+        if comp.kind == "program":
+            return _run_program(comp, args, kwargs)
+        return comp.compute(*args, **kwargs)  # type: ignore[misc]
 
     def _pickle_result(self, value: object) -> tuple[bytes | None, dict[str, object] | None]:
         cause: BaseException | None

@@ -17,6 +17,9 @@ import pytest
 # environment, so the session can prove that none was left running.
 RUN_MARKER = f"clusterpy-test-{uuid.uuid4().hex}"
 os.environ["CLUSTERPY_TEST_RUN"] = RUN_MARKER
+# Discovery broadcasts only on loopback unless a test says otherwise (the network-namespace
+# tests do, inside their own namespaces): never on this machine's real interfaces.
+os.environ["CLUSTERPY_DISCOVERY_INTERFACES"] = "lo"
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-" + uuid.uuid4().hex

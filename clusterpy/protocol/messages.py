@@ -14,8 +14,11 @@ Flow for one computation::
                                           <- ComputationReady | ComputationFailed
       SubmitJobs(batch) ->
                                           <- JobsStarted(batch)
+                                          <- JobProgress, JobFile ... (while a job runs)
                                           <- JobDone (one per job, as they end)
       CancelJob ->
+      AddFiles(files manifest) ->         (scatter: files for a ready computation)
+                                          <- FilesNeeded; FileChunk ... ->; <- FilesAdded
       CloseComputation ->
       Ping <-> Pong (either side; liveness)
 
@@ -39,7 +42,11 @@ __all__ = [
     "JobStart",
     "JobsStarted",
     "JobDone",
+    "JobProgress",
+    "JobFile",
     "CancelJob",
+    "AddFiles",
+    "FilesAdded",
     "AttachComputation",
     "Attached",
     "CloseComputation",
@@ -75,6 +82,7 @@ class DeployComputation:
     bundle: bytes | None
     program: tuple[str, ...] | None
     keep_files: bool = False
+    reentrant: bool = False  # a shared scheduler resubmits this computation's jobs when a node is lost
     dest_path: str | None = None
 
 
@@ -154,10 +162,56 @@ class JobDone:
 
 
 @dataclass(frozen=True, slots=True)
+class JobProgress:
+    """A running job's provisional result (``clusterpy.provisional_result``): cloudpickle bytes.
+    Sent before the job's :class:`JobDone`, in the order the job sent them."""
+
+    comp_id: str
+    job_id: str
+    attempt: int
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class JobFile:
+    """A piece of a file a running job sends back (``clusterpy.send_file``); ``last`` ends the
+    file. ``error``: the transfer failed or was refused (over the node's size limit): the
+    client discards what it received of that file."""
+
+    comp_id: str
+    job_id: str
+    attempt: int
+    name: str
+    data: bytes
+    last: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class CancelJob:
     comp_id: str
     job_id: str
     attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class AddFiles:
+    """Add files to a ready computation (``cluster.scatter``). The node answers
+    :class:`FilesNeeded` (the hashes it lacks: :class:`FileChunk` s follow for those), then
+    :class:`FilesAdded`. Jobs submitted after AddFiles on the same connection start only once
+    its files are in place."""
+
+    comp_id: str
+    files: tuple[FileMeta, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class FilesAdded:
+    """The files of one :class:`AddFiles` are in the computation's directory (or ``error``)."""
+
+    comp_id: str
+    sha256s: tuple[str, ...]
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +283,11 @@ Message = (
     | SubmitJobs
     | JobsStarted
     | JobDone
+    | JobProgress
+    | JobFile
     | CancelJob
+    | AddFiles
+    | FilesAdded
     | AttachComputation
     | Attached
     | CloseComputation
@@ -254,7 +312,11 @@ MESSAGE_TYPES: dict[str, type] = {
         JobStart,
         JobsStarted,
         JobDone,
+        JobProgress,
+        JobFile,
         CancelJob,
+        AddFiles,
+        FilesAdded,
         AttachComputation,
         Attached,
         CloseComputation,

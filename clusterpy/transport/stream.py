@@ -28,7 +28,13 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from ..errors import ClusterError, ConnectionClosedError, ProtocolError
+from ..errors import (
+    AuthenticationError,
+    ClusterError,
+    ConnectionClosedError,
+    ProtocolError,
+    VersionMismatchError,
+)
 from ..protocol.framing import (
     DEFAULT_MAX_FRAME,
     PREAUTH_MAX_FRAME,
@@ -38,6 +44,7 @@ from ..protocol.framing import (
 )
 from ..protocol.handshake import NONCE_SIZE, ClientHandshake, ServerHandshake
 from ..protocol.session import OVERHEAD, SessionCipher
+from ..tls import classify_ssl_error, describe_ssl_error
 
 __all__ = ["READ_SIZE", "Connection", "connect", "accept"]
 
@@ -115,6 +122,19 @@ class Connection:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<Connection {self._label} {state}>"
+
+    @property
+    def tls(self) -> dict[str, str] | None:
+        """``{"version", "cipher", "peer"}`` (peer: the certificate's common name, "" if none)
+        when the connection runs over TLS, else None."""
+        ssl_object = self._writer.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return None
+        cert = ssl_object.getpeercert() or {}
+        names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+        cipher = ssl_object.cipher()
+        return {"version": ssl_object.version() or "", "cipher": cipher[0] if cipher else "",
+                "peer": names[0] if names else ""}
 
     @property
     def closed(self) -> bool:
@@ -282,8 +302,14 @@ async def _handshake(
     timeout: float,
     expected: frozenset[str] | None,
     max_frame: int,
+    tls: _ssl.SSLContext | None = None,
+    tls_on: bool = False,
 ) -> Connection:
-    """Run ``hs`` to completion; on failure send its refusal, close, and raise."""
+    """Run ``hs`` to completion; on failure send its refusal, close, and raise.
+
+    ``tls``: upgrade the (paused, unread) server stream to TLS first, under the same deadline.
+    ``tls_on``: the stream already runs TLS (client side), for error hints.
+    """
     server = isinstance(hs, ServerHandshake)
     peername = writer.get_extra_info("peername")
     addr = _format_addr(peername)
@@ -293,7 +319,19 @@ async def _handshake(
     try:
         try:
             async with asyncio.timeout_at(deadline):
+                if tls is not None:
+                    # Afterwards the StreamReader still pauses the TCP transport for flow
+                    # control (asyncio does not give it the TLS one): that bounds it the same.
+                    await writer.start_tls(tls)
+                    tls_on = True
                 await _exchange(reader, writer, hs, decoder)
+        except _ssl.SSLError as exc:  # before OSError, its base class
+            _abort(hs, ConnectionClosedError(str(exc)))
+            error = _tls_error(exc, f"TLS with {addr} failed")
+            if isinstance(error, ConnectionClosedError) and tls_on and not server:
+                error = ConnectionClosedError(f"{addr} closed the connection during the handshake: "
+                                              f"{_REJECTED_CERT_HINT}")
+            error.__cause__ = exc
         except ProtocolError as exc:  # from the handshake or the decoder
             refusal = hs.refusal if hs.failed else _abort(hs, exc)
             who = _peer_label(hs, expected, "client" if server else "server")
@@ -308,9 +346,13 @@ async def _handshake(
             refusal = _abort(hs, ConnectionClosedError(msg))
             error = ConnectionClosedError(f"handshake with {addr} failed: {msg}")
             error.__cause__ = exc
-        except (EOFError, OSError) as exc:  # EOF, reset, broken pipe, TLS failure
+        except (EOFError, OSError) as exc:  # EOF, reset, broken pipe
             _abort(hs, ConnectionClosedError(str(exc)))
             detail = f": {exc}" if str(exc) else ""
+            if tls_on and not server and not hs.peer_authenticated:
+                # TLS 1.3 servers check our certificate after our side of the TLS handshake
+                # ended: a rejected certificate shows up here, as a bare EOF.
+                detail += f" ({_REJECTED_CERT_HINT})"
             error = ConnectionClosedError(f"{addr} closed the connection during the handshake"
                                           f"{detail}")
             error.__cause__ = exc
@@ -329,10 +371,32 @@ async def _handshake(
         level = logging.INFO if isinstance(error, ConnectionClosedError) and refusal is None \
             else logging.WARNING
         _log.log(level, "refused connection from %s: %s", addr, error)
+    if tls is not None and not tls_on:
+        # The TLS upgrade failed: no refusal in plain text to a TLS peer, and the transport now
+        # belongs to the dead TLS layer (a graceful close would wait for nothing): drop it.
+        writer.transport.abort()
+        raise error
     if refusal is not None and not writer.transport.is_closing():
         writer.write(encode_frame(refusal))
     await _close_writer(writer)
     raise error
+
+
+_REJECTED_CERT_HINT = "did it reject our TLS certificate? Its log says why"
+
+
+def _tls_error(exc: _ssl.SSLError, prefix: str) -> ClusterError:
+    """Map a TLS failure to the error a caller can act on.
+
+    Certificate problems are AuthenticationError (permanent, like a wrong secret), TLS
+    against plain TCP is VersionMismatchError (another protocol: permanent too), an EOF is
+    ConnectionClosedError, anything else ProtocolError.
+    """
+    kind = classify_ssl_error(exc)
+    if kind == "eof":
+        return ConnectionClosedError(f"{prefix}: the peer closed the connection")
+    cls = {"certificate": AuthenticationError, "mismatch": VersionMismatchError}.get(kind, ProtocolError)
+    return cls(f"{prefix}: {describe_ssl_error(exc)}")
 
 
 async def connect(
@@ -349,12 +413,16 @@ async def connect(
 ) -> Connection:
     """Connect to ``host:port``, authenticate both ways, and return the connection.
 
-    ``handshake_timeout`` bounds connecting plus the whole handshake.
+    ``handshake_timeout`` bounds connecting plus the whole handshake (TLS included).
+    ``ssl``: a context from :func:`clusterpy.tls.client_context` runs the clusterpy handshake
+    inside TLS, which checks the server's certificate against the cluster CA and ``host``.
 
     Raises:
         ConnectionClosedError: cannot connect, the peer hung up, or the deadline passed.
-        AuthenticationError: wrong secret or unaccepted role (either side).
-        VersionMismatchError: protocol, Python or cloudpickle versions differ.
+        AuthenticationError: wrong secret or unaccepted role (either side), or a TLS
+            certificate was rejected.
+        VersionMismatchError: protocol, Python or cloudpickle versions differ, or one side
+            speaks TLS and the other does not.
         ProtocolError: the server broke the protocol.
         ValueError: an argument is invalid.
     """
@@ -370,10 +438,12 @@ async def connect(
     except TimeoutError as exc:
         raise ConnectionClosedError(
             f"connecting to {addr} timed out after {handshake_timeout:g} s") from exc
+    except _ssl.SSLError as exc:  # before OSError, its base class
+        raise _tls_error(exc, f"cannot connect to {addr}") from exc
     except OSError as exc:
         raise ConnectionClosedError(f"cannot connect to {addr}: {exc}") from exc
     return await _handshake(reader, writer, hs, deadline=deadline, timeout=handshake_timeout,
-                            expected=expected, max_frame=max_frame)
+                            expected=expected, max_frame=max_frame, tls_on=bool(ssl))
 
 
 async def accept(
@@ -386,23 +456,37 @@ async def accept(
     expected_peer_roles: frozenset[str] | set[str] | None = None,
     handshake_timeout: float = 10.0,
     max_frame: int = DEFAULT_MAX_FRAME,
+    ssl: _ssl.SSLContext | None = None,
 ) -> Connection:
     """Authenticate a freshly accepted stream (inside an ``asyncio.start_server`` callback).
 
     On failure the refusal (if any) is sent, the writer is closed, the failure is logged on
     ``clusterpy.transport`` (WARNING for refusals), and the error is raised.
 
+    ``ssl`` (from :func:`clusterpy.tls.server_context`): the stream is upgraded to TLS first,
+    under the same ``handshake_timeout``, so a slow TLS handshake counts against the deadline
+    and TLS failures are logged here like any refusal. The server must be started *without*
+    ``ssl=`` and its (synchronous) connection callback must call
+    ``writer.transport.pause_reading()`` before anything awaits: asyncio calls that callback
+    before it first reads the socket, so no byte of the ClientHello can land in the plain
+    StreamReader (a task started later could be too late).
+
     Raises:
         as :func:`connect` (ConnectionClosedError also for a handshake timeout).
+        ValueError: an argument is invalid, or ``ssl`` is given but the transport is reading.
     """
     expected = None if expected_peer_roles is None else frozenset(expected_peer_roles)
     try:
         hs = ServerHandshake(secret, role=role, info=dict(info), nonce=os.urandom(NONCE_SIZE),
                              expected_peer_roles=expected)
         FrameDecoder(max_frame)
+        transport = writer.transport
+        if ssl is not None and isinstance(transport, asyncio.ReadTransport) and transport.is_reading():
+            raise ValueError("accept(ssl=...) needs a transport paused before its first read; "
+                             "call writer.transport.pause_reading() in the connection callback")
     except ValueError:
         writer.transport.abort()
         raise
     deadline = asyncio.get_running_loop().time() + handshake_timeout
     return await _handshake(reader, writer, hs, deadline=deadline, timeout=handshake_timeout,
-                            expected=expected, max_frame=max_frame)
+                            expected=expected, max_frame=max_frame, tls=ssl)

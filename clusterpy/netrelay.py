@@ -1,0 +1,174 @@
+"""clusterpy-netrelay: carry discovery requests into a network that broadcasts cannot reach.
+
+Run it on a host of the remote network; clients name it in ``JobCluster(relays=[...])``::
+
+    client (network A)                 relay (network B)                node (network B)
+      request, unicast  ------------->  verify MAC, freshness, nonce,
+      (names the client's                rate limit; then the *same
+       reply address)                    bytes* to B's broadcast address --> verify, then reply
+      <------------------------------------------------------------------- unicast to the
+                                                                            client's address
+      then TCP to the node's address, as for any discovered node
+
+Design choice: nodes reply to the client directly, at the reply address carried inside the
+authenticated request, rather than through the relay. The relay keeps no per-request state
+and never sends anything to an address taken from a packet: it only broadcasts, unchanged,
+requests it has verified (so it cannot be used to reflect or amplify traffic: one datagram
+in, at most one datagram of the same size out per relayed network, at most ``--rate`` per
+second). The cost: nodes must be able to reach the client over UDP, as the client must reach
+them over TCP; behind NAT, name the nodes explicitly (``nodes=["host:port"]``) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import signal
+import sys
+import time
+
+from .discovery import DEFAULT_RELAY_PORT, DEFAULT_WINDOW, DiscoveryKey, RelayCore
+from .errors import ClusterError, ConfigurationError
+from .identity import DEFAULT_NODE_PORT
+from .secret import load_secret
+from .transport.udp import ENV_INTERFACES, Interface, interfaces_spec, ipv4_interfaces, open_udp_socket, select_interfaces
+
+__all__ = ["NetRelay", "main"]
+
+log = logging.getLogger("clusterpy.netrelay")
+
+
+class NetRelay:
+    """The relay daemon's shell: one UDP socket, a :class:`~clusterpy.discovery.RelayCore`.
+
+    Args:
+        networks: interfaces (names, addresses, CIDR) to relay into; None: every non-loopback
+            interface with a broadcast address (``$CLUSTERPY_DISCOVERY_INTERFACES`` if set).
+        node_port: the nodes' UDP discovery port the broadcasts go to.
+    """
+
+    def __init__(self, secret: bytes, *, host: str = "0.0.0.0", port: int = DEFAULT_RELAY_PORT,
+                 node_port: int = DEFAULT_NODE_PORT, networks: str | list[str] | None = None,
+                 rate: float = 20.0, burst: int = 40, window: float = DEFAULT_WINDOW, cluster_name: str = "") -> None:
+        if rate <= 0 or burst < 1:
+            raise ConfigurationError("--rate must be positive and --burst at least 1")
+        try:
+            key = DiscoveryKey.derive(secret, cluster_name)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        self.core = RelayCore(key, rate=rate, burst=burst, window=window)
+        self.host = host
+        self.port = port
+        self.node_port = node_port
+        self.networks = networks
+        self.targets: list[Interface] = []
+        self._transport: asyncio.DatagramTransport | None = None
+        self._closed = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind and start relaying.
+
+        Raises:
+            ConfigurationError: no network to relay into.
+            OSError: the address cannot be bound.
+        """
+        spec = interfaces_spec(self.networks)
+        chosen = select_interfaces(spec) if spec is not None else [
+            i for i in ipv4_interfaces() if not ipaddress.IPv4Address(i.address).is_loopback]
+        self.targets = [i for i in chosen if i.broadcast]
+        if not self.targets:
+            raise ConfigurationError(f"no network with a broadcast address to relay into (networks: {self.networks!r})")
+        loop = asyncio.get_running_loop()
+        relay = self
+
+        class Protocol(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                try:
+                    relay._on_datagram(data, (addr[0], addr[1]))
+                except Exception:  # never let one datagram stop the relay
+                    log.exception("error relaying a datagram from %s", addr)
+
+            def error_received(self, exc: Exception) -> None:
+                log.debug("relay socket: %s", exc)
+
+        self._transport, _ = await loop.create_datagram_endpoint(Protocol, sock=open_udp_socket(self.host, self.port))
+        self.port = self._transport.get_extra_info("sockname")[1]
+        log.info("clusterpy-netrelay on UDP %s:%d relaying into %s (node port %d)", self.host, self.port,
+                 ", ".join(f"{i.name} {i.broadcast}" for i in self.targets), self.node_port)
+
+    def _on_datagram(self, data: bytes, source: tuple[str, int]) -> None:
+        out = self.core.on_datagram(data, source, time.time())
+        if out is None or self._transport is None:
+            return
+        src = ipaddress.IPv4Address(source[0])
+        for iface in self.targets:
+            if src in iface.network:
+                continue  # the client can broadcast on its own network
+            assert iface.broadcast is not None
+            self._transport.sendto(out, (iface.broadcast, self.node_port))
+        log.debug("relayed a request from %s", source)
+
+    async def aclose(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        self._closed.set()
+
+    async def serve_forever(self) -> None:
+        await self._closed.wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="clusterpy-netrelay",
+        description="Relay authenticated clusterpy discovery requests from clients on other networks "
+        "into this host's networks (nodes then answer the clients directly).",
+        epilog="The secret comes from --secret-file, CLUSTERPY_SECRET, CLUSTERPY_SECRET_FILE, or the "
+        "per-user file ~/.config/clusterpy/secret, in that order: the nodes' secret.",
+    )
+    p.add_argument("--host", default="0.0.0.0", help="address to receive clients' requests on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=DEFAULT_RELAY_PORT, help=f"UDP port (default {DEFAULT_RELAY_PORT})")
+    p.add_argument("--node-port", type=int, default=DEFAULT_NODE_PORT,
+                   help=f"the nodes' UDP discovery port (default {DEFAULT_NODE_PORT})")
+    p.add_argument("--networks", default=None, metavar="LIST",
+                   help=f"comma-separated interfaces (names, addresses, CIDR) to relay into (default "
+                   f"${ENV_INTERFACES}, else every non-loopback interface)")
+    p.add_argument("--secret-file", default=None, help="file holding the cluster secret")
+    p.add_argument("--cluster-name", default="", help="the cluster name used by clients and nodes, if any")
+    p.add_argument("--rate", type=float, default=20.0, help="requests relayed per second at most (default 20)")
+    p.add_argument("--burst", type=int, default=40, help="requests relayed in a burst at most (default 40)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="logging level (default INFO)")
+    return p
+
+
+async def _serve(args: argparse.Namespace, secret: bytes) -> None:
+    relay = NetRelay(secret, host=args.host, port=args.port, node_port=args.node_port, networks=args.networks,
+                     rate=args.rate, burst=args.burst, cluster_name=args.cluster_name)
+    await relay.start()
+    print(f"clusterpy-netrelay listening on {relay.host}:{relay.port} relaying into "
+          f"{','.join(i.broadcast or '' for i in relay.targets)}", flush=True)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(relay.aclose()))
+    await relay.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        asyncio.run(_serve(args, load_secret(secret_file=args.secret_file)))
+    except ClusterError as exc:
+        print(f"clusterpy-netrelay: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"clusterpy-netrelay: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
