@@ -186,6 +186,11 @@ class ClientSession:
             self._on_deploy(msg)
         elif isinstance(msg, m.AttachComputation):
             self._on_attach(msg.comp_id)
+        elif isinstance(msg, m.DetachComputation):
+            comp = self.comps.pop(msg.comp_id, None)
+            if comp is not None:
+                self.node.orphan(comp)
+            self.send(m.Detached(msg.comp_id))
         elif isinstance(msg, m.CancelJob):
             comp = self.comps.get(msg.comp_id)
             job = comp.jobs.get(f"{msg.comp_id}/{msg.job_id}/{msg.attempt}") if comp else None

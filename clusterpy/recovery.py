@@ -127,6 +127,15 @@ async def _collect(comp_id: str, node: _NodeRecord, secret: bytes, journal: Jour
                 _finish(rec, JobStatus.Abandoned, exc=NodeLostError(reason))
 
     where = f"{node.host}:{node.port}"
+
+    def accept(msg: m.JobDone) -> None:
+        rec = node.jobs.get((msg.job_id, msg.attempt))
+        if rec is not None and not rec.ended:
+            journal.append("done", msg.job_id, node.node_id, msg)  # the node forgets it once sent
+            journal.flush()
+            status, result, exc = apply_report(rec.job, msg, ip_addr=node.ip_addr, node_id=node.node_id,
+                                               hostname=node.hostname, where=f"on node {where}")
+            _finish(rec, status, result, exc)
     try:
         conn = await connect(node.host, node.port, secret=secret, role="client", info=local_info(),
                              expected_peer_roles=frozenset({"node", "scheduler"}), ssl=ssl)
@@ -181,18 +190,25 @@ async def _collect(comp_id: str, node: _NodeRecord, secret: bytes, journal: Jour
                 if kept_left:
                     kept_left -= 1
                 pending.discard((msg.job_id, msg.attempt))
-                rec = node.jobs.get((msg.job_id, msg.attempt))
-                if rec is not None and not rec.ended:
-                    journal.append("done", msg.job_id, node.node_id, msg)  # the node forgets it once sent
-                    journal.flush()
-                    status, result, exc = apply_report(rec.job, msg, ip_addr=node.ip_addr, node_id=node.node_id,
-                                                       hostname=node.hostname, where=f"on node {where}")
-                    _finish(rec, status, result, exc)
+                accept(msg)
             elif isinstance(msg, m.Ping):
                 conn.send(codec.encode(m.Pong(msg.sent)))
         if all(r.ended for r in node.jobs.values()):
             conn.send(codec.encode(m.CloseComputation(comp_id)))  # release the node's files
             await conn.drain()
+            return
+        # Leave the rest to a later call: after Detached, the node keeps every result for it.
+        conn.send(codec.encode(m.DetachComputation(comp_id)))
+        await conn.drain()
+        try:
+            while True:
+                msg = codec.decode(await asyncio.wait_for(conn.recv(), 10))
+                if isinstance(msg, m.Detached):
+                    break
+                if isinstance(msg, m.JobDone):
+                    accept(msg)
+        except (TimeoutError, ClusterError):
+            pass
 
 
 async def recover_jobs_async(path: str | os.PathLike[str], *, secret: str | bytes | None = None,

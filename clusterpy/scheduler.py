@@ -475,6 +475,11 @@ class _ClientSession:
             comp = self.comps.pop(msg.comp_id, None)
             if comp is not None:
                 sched.close_computation(comp)
+        elif isinstance(msg, m.DetachComputation):
+            comp = self.comps.pop(msg.comp_id, None)
+            if comp is not None and comp.owner is self:
+                sched.orphan(comp)
+            self.send(m.Detached(msg.comp_id))
         elif isinstance(msg, m.AttachComputation):
             comp = sched.comps.get(msg.comp_id)
             if comp is None or not comp.ready:

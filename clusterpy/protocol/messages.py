@@ -49,6 +49,8 @@ __all__ = [
     "FilesAdded",
     "AttachComputation",
     "Attached",
+    "DetachComputation",
+    "Detached",
     "CloseComputation",
     "Ping",
     "Pong",
@@ -232,6 +234,19 @@ class Attached:
 
 
 @dataclass(frozen=True, slots=True)
+class DetachComputation:
+    """The client leaves without closing: the node keeps the computation's results for a later
+    ``AttachComputation`` and answers :class:`Detached`; nothing sent after that is lost."""
+
+    comp_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Detached:
+    comp_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class CloseComputation:
     comp_id: str
     keep_files: bool = False
@@ -290,6 +305,8 @@ Message = (
     | FilesAdded
     | AttachComputation
     | Attached
+    | DetachComputation
+    | Detached
     | CloseComputation
     | Ping
     | Pong
@@ -319,6 +336,8 @@ MESSAGE_TYPES: dict[str, type] = {
         FilesAdded,
         AttachComputation,
         Attached,
+        DetachComputation,
+        Detached,
         CloseComputation,
         Ping,
         Pong,
