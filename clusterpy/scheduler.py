@@ -45,7 +45,9 @@ from .core.scheduler import (
     ResolveJob,
     SchedulerCore,
 )
-from .errors import ClusterError, ConnectionClosedError, DependencyError, ProtocolError
+from .config import OptionParser, log_level, non_negative_int, positive_float, setup_logging
+from .discovery import DEFAULT_RELAY_PORT, plan_nodes
+from .errors import ClusterError, ConfigurationError, ConnectionClosedError, DependencyError, ProtocolError
 from .filestore import FileStore, validate_name
 from .identity import DEFAULT_NODE_PORT, DEFAULT_SCHEDULER_PORT, local_info
 from .monitor import JobHistory, SchedulerSource, parse_monitor, report_ended, require_aiohttp, resolved_ended, start_monitor
@@ -102,6 +104,7 @@ class SchedulerServer:
         allowed_failures: int = 3,
         handshake_timeout: float = 10.0,
         monitor: bool | int | str = False,
+        discovery: dict[str, Any] | None = None,
         certfile: str | os.PathLike[str] | None = None,
         keyfile: str | os.PathLike[str] | None = None,
         cafile: str | os.PathLike[str] | None = None,
@@ -125,6 +128,9 @@ class SchedulerServer:
         self.history = JobHistory()
         self.secret = secret
         self.node_addresses = nodes
+        # DiscoveryClient options (transport/udp.py) to find nodes by broadcast or relays, as a client does.
+        self._discovery_options = discovery
+        self.discovery: Any = None
         self.host, self.port = host, port
         self._own_dest = dest_path is None
         self.dest_path = Path(dest_path) if dest_path else Path(tempfile.mkdtemp(prefix="clusterpy-scheduler-"))
@@ -157,20 +163,39 @@ class SchedulerServer:
         self.dest_path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = FileStore(self.dest_path)
         for host, port in self.node_addresses:
-            link = NodeLink(self, host, port, secret=self.secret, role="scheduler", ssl=self._node_ssl,
-                            reconnect_delay=min(1.0, self.pulse_interval))
-            self.links.append(link)
-            self._spawn(link.run())
+            self._add_link(host, port)
+        if self._discovery_options is not None:
+            from .transport.udp import DiscoveryClient
+
+            self.discovery = DiscoveryClient(self.secret, on_found=self._discovered, explicit=self.node_addresses,
+                                             **self._discovery_options)
+            await self.discovery.start()
         self._server = await asyncio.start_server(self._on_connect, self.host, self.port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         self._spawn(self._pulse())
         log.info("clusterpy-scheduler %s listening on %s:%d for %d nodes", __version__, self.host, self.port,
                  len(self.node_addresses))
 
+    def _add_link(self, host: str, port: int) -> NodeLink:
+        link = NodeLink(self, host, port, secret=self.secret, role="scheduler", ssl=self._node_ssl,
+                        reconnect_delay=min(1.0, self.pulse_interval))
+        self.links.append(link)
+        self._spawn(link.run())
+        return link
+
+    def _discovered(self, found: Any) -> None:
+        """A node answered discovery (or announced itself): use it unless we already do."""
+        if self._closed.is_set() or any((l.host, l.port) == (found.host, found.port) for l in self.links):
+            return
+        log.info("discovered node %s:%d (%d CPUs)", found.host, found.port, found.cpus)
+        self._add_link(found.host, found.port)
+
     async def aclose(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self.discovery is not None:
+            await self.discovery.aclose()
         if self.monitor is not None:
             await self.monitor.aclose()
         if self._server is not None:
@@ -574,43 +599,56 @@ def _with_attempt(msg: m.JobDone, attempt: int, *, dropped: bool = False) -> m.J
 # -------------------------------------------------------------------- command line
 
 
-def _address(spec: str) -> tuple[str, int]:
+def _address(spec: str, default_port: int = DEFAULT_NODE_PORT) -> tuple[str, int]:
     host, sep, port = spec.rpartition(":")
     if sep and port.isdigit():
         return host, int(port)
-    return spec, DEFAULT_NODE_PORT
+    return spec, default_port
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="clusterpy-scheduler",
-        description="Share clusterpy nodes among many clients (SharedJobCluster).",
-        epilog="The secret comes from --secret-file, CLUSTERPY_SECRET, CLUSTERPY_SECRET_FILE, or the per-user file.",
+def build_parser() -> OptionParser:
+    """The clusterpy-scheduler command line; every option also from CLUSTERPY_<NAME> or --config ([scheduler])."""
+    opts = OptionParser(
+        "clusterpy-scheduler", "scheduler", "Share clusterpy nodes among many clients (SharedJobCluster).",
+        epilog="Nodes: name them with -n HOST[:PORT] (repeat), or let the scheduler discover them by UDP\n"
+               "broadcast (--discover, on by default when no node is named; -n 10.0.0.* filters what it finds).\n"
+               "The secret comes from --secret-file, CLUSTERPY_SECRET, CLUSTERPY_SECRET_FILE, or the per-user file.",
     )
-    p.add_argument("--host", default=os.environ.get("CLUSTERPY_SCHEDULER_HOST", "127.0.0.1"),
-                   help="address to listen on for clients (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("CLUSTERPY_SCHEDULER_PORT", DEFAULT_SCHEDULER_PORT)),
-                   help=f"TCP port for clients (default {DEFAULT_SCHEDULER_PORT}; 0 picks a free port)")
-    p.add_argument("-n", "--nodes", action="append", default=[], metavar="HOST[:PORT]",
-                   help="a node to use (repeat for several)")
-    p.add_argument("--secret-file", default=None, help="file holding the cluster secret")
-    p.add_argument("--dest-path", default=None, help="directory for the clients' files (default: a temporary one)")
-    p.add_argument("--pulse-interval", type=float, default=2.0, help="seconds between pings to each node (default 2)")
-    p.add_argument("--node-timeout", type=float, default=None, help="a node silent this long is lost (default 5 pulses)")
-    p.add_argument("--zombie-interval", type=float, default=60.0, help="a client silent this long is gone (default 60)")
-    p.add_argument("--result-lease", type=float, default=3600.0,
-                   help="seconds a gone client's jobs and results are kept for recover_jobs (default 3600)")
-    p.add_argument("--log-level", default=os.environ.get("CLUSTERPY_LOG_LEVEL", "INFO"),
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging level (default INFO)")
-    p.add_argument("--monitor", nargs="?", const=True, default=False, metavar="[HOST:]PORT",
-                   help="serve the web monitor (default 127.0.0.1, a free port); its URL is printed. "
-                        "Needs pip install 'clusterpy[monitor]'")
-    tls.add_tls_arguments(p)
-    return p
+    opts.add("--host", default="127.0.0.1", env="CLUSTERPY_SCHEDULER_HOST", help="address to listen on for clients")
+    opts.add("--port", type=non_negative_int, default=DEFAULT_SCHEDULER_PORT, env="CLUSTERPY_SCHEDULER_PORT",
+             help="TCP port for clients (0 picks a free port)")
+    opts.add("-n", "--nodes", many=True, metavar="HOST[:PORT]", default=[],
+             help="a node to use, or a wildcard pattern filtering discovered nodes (repeat for several)")
+    opts.add("--discover", flag=True, help="find nodes by UDP broadcast (default: when no node is named)")
+    opts.add("--discovery-interfaces", metavar="LIST",
+             help="interfaces (names, addresses, CIDR) to broadcast on (default $CLUSTERPY_DISCOVERY_INTERFACES, else all)")
+    opts.add("--relay", many=True, metavar="HOST[:PORT]", default=[],
+             help="a clusterpy-netrelay to ask for nodes on another network (repeat for several)")
+    opts.add("--cluster-name", default="", help="discover only nodes started with this --cluster-name")
+    opts.add("--secret-file", metavar="FILE", env=False, help="file holding the cluster secret")
+    opts.add("--dest-path", metavar="DIR", help="directory for the clients' files (default: a temporary one)")
+    opts.add("--pulse-interval", type=positive_float, default=2.0, metavar="SECONDS", help="seconds between pings to each node")
+    opts.add("--node-timeout", type=positive_float, metavar="SECONDS", help="a node silent this long is lost (default 5 pulses)")
+    opts.add("--zombie-interval", type=positive_float, default=60.0, metavar="SECONDS", help="a client silent this long is gone")
+    opts.add("--result-lease", type=positive_float, default=3600.0, metavar="SECONDS",
+             help="how long a gone client's jobs and results are kept for recover_jobs")
+    opts.add("--log-level", type=log_level, default="INFO", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    opts.add("--log-file", metavar="FILE", help="append log messages to this file instead of stderr")
+    opts.parser.add_argument("--monitor", nargs="?", const=True, default=False, metavar="[HOST:]PORT",
+                             help="serve the web monitor (default 127.0.0.1, a free port); its URL is printed. "
+                                  "Needs pip install 'clusterpy[monitor]'")
+    tls.add_tls_arguments(opts)
+    return opts
 
 
 async def _serve(args: argparse.Namespace, secret: bytes) -> None:
-    sched = SchedulerServer(secret=secret, nodes=[_address(n) for n in args.nodes], host=args.host, port=args.port,
+    plan = plan_nodes(args.nodes, discover=args.discover, local=False, relays=bool(args.relay), wait=0)
+    discovery = None if not plan.discover else dict(
+        port=DEFAULT_NODE_PORT, interfaces=args.discovery_interfaces, interval=30.0,
+        relays=[_address(r, DEFAULT_RELAY_PORT) for r in args.relay], patterns=plan.patterns,
+        cluster_name=args.cluster_name)
+    sched = SchedulerServer(secret=secret, nodes=[_address(n) for n in plan.explicit], host=args.host, port=args.port,
+                            discovery=discovery,
                             dest_path=args.dest_path, pulse_interval=args.pulse_interval,
                             node_timeout=args.node_timeout, zombie_interval=args.zombie_interval,
                             result_lease=args.result_lease, monitor=args.monitor,
@@ -627,13 +665,19 @@ async def _serve(args: argparse.Namespace, secret: bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not args.nodes:
-        build_parser().error("give at least one node with --nodes HOST[:PORT]")
+    """The clusterpy-scheduler console script: 0 after a clean stop, 1 if it could not run,
+    2 for a bad command line."""
+    opts = build_parser()
+    args = opts.parse(argv)
+    try:
+        setup_logging(args.log_level, args.log_file)
+    except OSError as exc:
+        opts.error(f"--log-file {args.log_file}: {exc.strerror or exc}")
     try:
         secret = load_secret(secret_file=args.secret_file)
         asyncio.run(_serve(args, secret))
+    except ConfigurationError as exc:
+        opts.error(str(exc))
     except ClusterError as exc:
         print(f"clusterpy-scheduler: {exc}", file=sys.stderr)
         return 1

@@ -197,3 +197,20 @@ def test_shared_cluster_example(start_node, start_scheduler):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("computed by worker") == 20
+
+
+def test_scheduler_discovers_its_nodes(start_node, tmp_path):
+    node = start_node(cpus=2)
+    sched = SchedulerProcess(tmp_path, [], extra=["--discovery-interfaces", "lo"])
+    try:
+        with SharedJobCluster(square, sched.address) as cluster:
+            assert [cluster.submit(i)(30) for i in range(4)] == [0, 1, 4, 9]
+        assert f"discovered node 127.0.0.1:{node.port}" in sched.log()
+    finally:
+        sched.stop()
+
+
+def test_scheduler_cli_errors_are_one_line():
+    bad = subprocess.run([sys.executable, "-m", "clusterpy.scheduler", "--pulse-interval", "-1"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--pulse-interval" in bad.stderr
