@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
 
+from . import _tracebacks
 from . import deps as deps_mod
 from . import tls
 from .core.scheduler import (
@@ -43,8 +44,10 @@ from .core.scheduler import (
     JobsStarted,
     JobState,
     JobSubmitted,
+    NodeDistrusted,
     NodeJoined,
     NodeLost,
+    NodeResized,
     ResolveJob,
     SchedulerCore,
 )
@@ -154,6 +157,9 @@ class _NodeLink:
         self.last_heard = 0.0
         self.lost_reason: str | None = None
         self.stopped = False  # stop(): the cluster no longer uses this node
+        # This node's own computation and files (JobCluster._accept_node may set them; dispy's
+        # NodeAllocate gives nodes their own setup_args and depends); None: the cluster's.
+        self.deployment: tuple[m.DeployComputation, deps_mod.Dependencies] | None = None
 
     @property
     def name(self) -> str:
@@ -174,6 +180,10 @@ class _NodeLink:
             self.ip_addr = peer[0] if peer else self.host
             self.cpus = max(1, int(conn.peer_info.get("cpus", "1")))
             self.score = _score(conn.peer_info.get("score"))
+            if not rt.cluster._accept_node(self):  # the cluster does not use this node (NodeAllocate)
+                await conn.aclose()
+                rt.drop_link(self)
+                return
             try:
                 await self._deploy(conn)
             except ClusterError as exc:
@@ -246,14 +256,15 @@ class _NodeLink:
 
     async def _deploy(self, conn: Connection) -> None:
         rt = self.runtime
-        conn.send(codec.encode(rt.deploy_message))
+        deploy, dependencies = self.deployment or (rt.deploy_message, rt.dependencies)
+        conn.send(codec.encode(deploy))
         await conn.drain()
         needed = codec.decode(await conn.recv())
         if isinstance(needed, m.ComputationFailed):
             raise ClusterError(f"node {self.name} refused the computation: {needed.reason}")
         if not isinstance(needed, m.FilesNeeded):
             raise ProtocolError(f"expected FilesNeeded, got {type(needed).__name__}")
-        by_hash = {f.sha256: f for f in rt.dependencies.files}
+        by_hash = {f.sha256: f for f in dependencies.files}
         for sha in needed.sha256s:
             entry = by_hash.get(sha)
             if entry is None:
@@ -496,6 +507,10 @@ class _Runtime:
         # A node fits cpus // cpus_per_job jobs at once (the node itself enforces the CPUs).
         self.execute(self.core.handle(NodeJoined(link.node_id, max(1, link.cpus // self.cluster.cpus_per_job),
                                                  speed=link.score)))
+        if self.trust is not None and self.trust.core.distrusted(link.node_id):
+            # It came back (same node id): still untrusted. Trust-managed jobs exclude it anyway.
+            self.execute(self.core.handle(NodeDistrusted(link.node_id, "it returned wrong results before")))
+        self.cluster._node_changed(link, True)
 
     def link_lost(self, link: _NodeLink, reason: str) -> None:
         self.scatter.link_lost(link)
@@ -504,10 +519,39 @@ class _Runtime:
             if not self.closing:
                 log.warning("node %s lost: %s", link.name, reason)
             self.execute(self.core.handle(NodeLost(link.node_id, reason)))
+            self.cluster._node_changed(link, False)
         self._check_all_failed()
 
     def link_failed(self, link: _NodeLink, exc: BaseException) -> None:
         self._check_all_failed()
+
+    def drop_link(self, link: _NodeLink) -> None:
+        """Forget a link the cluster refused (``JobCluster._accept_node``): discovery or
+        ``add_link`` may bring the node back later."""
+        if link in self.links:
+            self.links.remove(link)
+        self._check_all_failed()
+
+    def resize_node(self, node_id: str, cpus: int) -> bool:
+        """Run at most ``cpus`` jobs at once on the node from now on (0: none); jobs already
+        sent run to their end. False if the node is not in the cluster."""
+        link = self.by_node.get(node_id)
+        if link is None:
+            return False
+        link.cpus = max(0, cpus)
+        self.execute(self.core.handle(NodeResized(node_id, max(0, cpus) // self.cluster.cpus_per_job)))
+        return True
+
+    def jobs_on(self, node_id: str) -> list[ClusterJob]:
+        """The unfinished jobs sent to the node (running, or about to), in submission order."""
+        found = []
+        for key, (job, _args, _timeout) in self.jobs.items():
+            try:
+                if self.core.node_of(key) == node_id:
+                    found.append(job)
+            except KeyError:  # held by the trust layer or dataflow, not by the core
+                continue
+        return found
 
     def _check_all_failed(self) -> None:
         """If every node refused us for good, waiting jobs would wait forever: fail them."""
@@ -537,6 +581,7 @@ class _Runtime:
                     future = entry[0]._future
                     if not future.done() and not future.running():
                         future.set_running_or_notify_cancel()  # Future.cancel() now returns False
+                    self.cluster._job_started(entry[0], link)
         elif isinstance(msg, m.Ping):
             link.send(m.Pong(msg.sent))
         elif isinstance(msg, m.Pong):
@@ -848,6 +893,7 @@ class JobCluster:
             found = deps_mod.collect(depends)
             for fn in (computation, setup, cleanup, self._only_if, *found.objects):
                 _pickle_by_value_if_local(fn)
+            _tracebacks.remember((computation, setup, cleanup, *found.objects))  # for remote tracebacks
             bundle = cloudpickle.dumps({
                 "compute": computation, "setup": setup, "cleanup": cleanup,
                 "depends": list(found.objects), "setup_args": tuple(setup_args),
@@ -1045,6 +1091,20 @@ class JobCluster:
             self.callback(job)
         except Exception:
             log.exception("callback for job %r raised", job.id)
+
+    # Hooks for subclasses (clusterpy.compat.dispy), called in the loop thread; they must not block.
+
+    def _accept_node(self, link: _NodeLink) -> bool:
+        """A node connected (``link.cpus``, ``hostname``, ``ip_addr`` are known) and the
+        computation is not deployed there yet. An override may lower ``link.cpus`` and set
+        ``link.deployment``; False: the cluster does not use this node (the link is dropped)."""
+        return True
+
+    def _node_changed(self, link: _NodeLink, joined: bool) -> None:
+        """A node joined the cluster (its computation is ready) or left it."""
+
+    def _job_started(self, job: ClusterJob, link: _NodeLink) -> None:
+        """A job started running on the node of ``link``."""
 
     def nodes(self) -> list[dict[str, Any]]:
         """The nodes in the cluster now, with their statistics."""

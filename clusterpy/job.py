@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator
 
 import cloudpickle
 
+from ._tracebacks import restore as restore_sources
 from .errors import JobCancelledError, JobError, JobTerminatedError, NodeLostError, RemoteTraceback, WorkerDiedError
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ def apply_report(job: ClusterJob, msg: "JobDone", *, ip_addr: str, node_id: str,
         if not isinstance(error, BaseException):
             prefix = "setup failed: " if msg.status == "setup_failed" else ""
             error = JobError(f"{prefix}{msg.exc_type}: {msg.exc_message}")
-        error.__cause__ = RemoteTraceback(f'\n"""\nTraceback {where}:\n{msg.traceback or ""}"""')
+        error.__cause__ = RemoteTraceback(f'\n"""\nTraceback {where}:\n{restore_sources(msg.traceback) or ""}"""')
         return JobStatus.Terminated, None, error
     if msg.status == "died":
         return JobStatus.Terminated, None, WorkerDiedError(

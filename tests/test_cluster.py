@@ -69,6 +69,7 @@ def test_remote_exception_reraised_with_remote_traceback(node):
         cause = info.value.__cause__
         assert isinstance(cause, RemoteTraceback)
         assert "inner_helper" in str(cause) and node.address in str(cause)
+        assert "return 1 / x" in str(cause) and __file__ in str(cause)  # source lines, whatever cloudpickle does
         assert cluster.submit(2)() == 0.5
 
 

@@ -267,7 +267,10 @@ async def test_exception_travels_with_traceback(pool, tmp_path):
     assert outcome.status == "exception"
     assert outcome.exc_type == "ZeroDivisionError"
     assert outcome.exc_message == "division by zero"
-    assert "in divide" in outcome.traceback and "return a / b" in outcome.traceback
+    assert "in divide" in outcome.traceback
+    # cloudpickle >= 3.1 ships code as "<dynamic-code>", without source lines: the client puts
+    # them back (clusterpy/_tracebacks.py, tested in test_cluster.py).
+    assert "return a / b" in outcome.traceback or '"<dynamic-code>", line' in outcome.traceback
     assert "clusterpy/worker.py" not in outcome.traceback  # our own frame is cut
     assert isinstance(cloudpickle.loads(outcome.exception), ZeroDivisionError)
 
