@@ -207,7 +207,11 @@ class _NodeLink:
                 while True:
                     payload = await conn.recv()
                     self.last_heard = time.monotonic()
-                    rt.on_message(self, codec.decode(payload))
+                    message = codec.decode(payload)
+                    try:
+                        rt.on_message(self, message)
+                    except Exception:  # a bug of ours must be loud, but must not stall the cluster
+                        log.exception("error handling %s from node %s", type(message).__name__, self.name)
             except ConnectionClosedError:
                 reason = self.lost_reason or "connection closed by the node"
             except (ProtocolError, OSError) as exc:
@@ -439,7 +443,11 @@ class _Runtime:
                     self._flush_scheduled = True
                     asyncio.get_running_loop().call_soon(self._flush)
             elif isinstance(action, ResolveJob):
-                job = self.jobs[action.job_id][0]
+                entry = self.jobs.get(action.job_id)
+                if entry is None:  # already resolved (a replica the trust layer settled, a cancel)
+                    log.debug("job %s ended twice (%s); the first end stands", action.job_id, action.state.value)
+                    continue
+                job = entry[0]
                 self.record("resolved", action.job_id, action.state.value, action.reason)
                 self.midjob.ended(action.job_id)
                 exc: BaseException
@@ -608,7 +616,12 @@ class _Runtime:
             log.debug("discarded a late report of job %s attempt %d from %s", msg.job_id, msg.attempt, link.name)
             self.execute(actions)
             return
-        job = self.jobs[msg.job_id][0]
+        entry = self.jobs.get(msg.job_id)
+        if entry is None:  # resolved meanwhile (cancelled, settled by the trust layer): this report is late
+            log.debug("report of job %s from %s came after the job ended; ignored", msg.job_id, link.name)
+            self.execute(actions[1:])
+            return
+        job = entry[0]
         self.midjob.ended(msg.job_id)
         link.jobs_done += 1
         link.cpu_time += msg.cpu_time

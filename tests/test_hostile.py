@@ -421,8 +421,11 @@ async def test_memory_stays_bounded_under_oversized_length_prefixes(make_node, s
         peak = tracemalloc.get_traced_memory()[1] - before
     finally:
         tracemalloc.stop()
-    # 160 MiB arrived; a node that buffered bodies would hold a good part of it.
-    assert peak < 16 * (1 << 20), f"peak growth {peak / (1 << 20):.1f} MiB"
+    # 160 MiB arrived, 20 connections at a time. Each connection may hold at most its stream
+    # buffer (about 0.5 MiB high-water mark plus one 256 KiB read) before its header is refused,
+    # so the bound is ~20 MiB whatever the flood's total; a node that buffered bodies would hold
+    # a good part of the 160 MiB. (The exact peak varies with scheduling and library versions.)
+    assert peak < 40 * (1 << 20), f"peak growth {peak / (1 << 20):.1f} MiB"
     await logged(caplog, "peer announced a frame of 4294967295 bytes; the limit here is 4096",
                  "peer announced a frame of 4294967295 bytes; the limit here is 1048576")
     assert spy.calls == []
