@@ -20,7 +20,9 @@ Workloads (every framework gets 2 worker CPUs on 127.0.0.1):
 
 Repetitions are interleaved (each repetition runs every framework in turn, in a rotating
 order) so a machine that slows down mid-run hurts all frameworks alike; each cell is the
-median over repetitions and its ratio is the median of the per-repetition ratios.
+median over repetitions and its ratio is the median of the per-repetition ratios. Each
+framework's repetition runs in a new process (bench/runner.py) with only its own backend
+alive, so no framework shares threads, a GIL or idle daemons with another.
 
 dispy finds its peers by UDP broadcast. So that nothing is ever broadcast on this machine's
 real interfaces, the script re-runs itself inside a new network namespace holding only
@@ -36,6 +38,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -53,6 +56,10 @@ import simcore  # noqa: E402
 import workloads as wl  # noqa: E402
 
 ORDER = ["clusterpy", "dispy", "dask", "ppe", "loky"]
+#: Seconds one framework's repetition of A, B, C and E may take (dispy's A takes ~40 s).
+CHILD_TIMEOUT = 900
+#: Metrics whose ratio means nothing (a percentage that may be negative, a calibration).
+NO_RATIO = {"E.over", "E.single"}
 
 
 # ------------------------------------------------------------------------- environment
@@ -105,6 +112,38 @@ def machine() -> str:
     return f"{platform.system()} {platform.release()}, {model}, {os.cpu_count()} CPUs, {mem:.0f} GiB"
 
 
+def _spin_twice(iterations: int) -> None:
+    import benchjobs
+
+    benchjobs.spin(iterations)
+    benchjobs.spin(iterations)
+
+
+def parallel_scaling(cpus: int) -> float:
+    """How much longer ``cpus`` busy processes take than one (1.0: the CPUs are all there).
+
+    Each process runs the same pure-Python work; the best of 2 tries counts. On a shared
+    virtual machine this is often well above 1.0, and no framework can beat it (workload E).
+    """
+    import multiprocessing
+
+    iterations = wl.calibrate_spin(0.25)
+    ctx = multiprocessing.get_context("fork")
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        procs = [ctx.Process(target=_spin_twice, args=(iterations,)) for _ in range(n)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+        return time.perf_counter() - start
+
+    one = min(run(1) for _ in range(2))
+    many = min(run(cpus) for _ in range(2))
+    return many / one
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -112,6 +151,7 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------ runs
 
 Results = dict[str, dict[str, list[float]]]  # metric -> framework -> values per repetition
+NOTES: list[str] = []  # what went wrong during the run, printed under the table
 
 
 def _record(results: Results, name: str, values: dict[str, float]) -> None:
@@ -136,34 +176,52 @@ def run_cold_start(names: list[str], reps: int, cpus: int, results: Results) -> 
             log(f"D {name} rep {rep + 1}: first result {float(line.split()[1]) - start:.2f} s")
 
 
-def run_workloads(letters: str, frames: dict[str, fw.Framework], p: wl.Params, reps: int, results: Results) -> None:
-    names = list(frames)
-    payloads = wl.make_payloads(p) if "C" in letters else []
+def run_workloads(letters: str, names: list[str], p: wl.Params, reps: int, results: Results) -> None:
+    """Each repetition runs every framework in turn (rotating the order), each in a new process."""
     iterations = wl.calibrate_spin(p.e_seconds) if "E" in letters else 0
-    for letter in letters:
-        workload = wl.WORKLOADS[letter]
-        sessions: dict[str, fw.Session] = {}
+    params = json.dumps(p.__dict__)
+    for rep in range(reps):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            proc = subprocess.Popen(
+                [sys.executable, os.path.join(HERE, "runner.py"), name, letters, params, str(iterations)],
+                stdout=subprocess.PIPE, start_new_session=True,  # its own group: killable as a whole
+            )
+            try:
+                out, _ = proc.communicate(timeout=CHILD_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                NOTES.append(f"{name}: repetition {rep + 1} did not finish within {CHILD_TIMEOUT} s and was killed")
+                log(NOTES[-1])
+                continue
+            line = next((l for l in out.decode().splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                NOTES.append(f"{name}: repetition {rep + 1} failed (exit {proc.returncode})")
+                log(NOTES[-1])
+                continue
+            result = json.loads(line[len("RESULT "):])
+            if "unavailable" in result:
+                NOTES.append(f"{name}: unavailable: {result['unavailable']}")
+                log(NOTES[-1])
+                names.remove(name)
+                continue
+            for note in result.get("notes", []):
+                NOTES.append(f"repetition {rep + 1}: {note}")
+                log(NOTES[-1])
+            _record(results, name, result["values"])
+            log(f"{name} rep {rep + 1}: " + ", ".join(f"{k}={v:,.3f}" for k, v in result["values"].items()))
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            for name in names:
-                sessions[name] = frames[name].open(workload.fn)
-                sessions[name].call(*workload.warmup_args)
-            for rep in range(reps):
-                for name in names[rep % len(names):] + names[: rep % len(names)]:
-                    s = sessions[name]
-                    if letter == "A":
-                        values = wl.run_a(s, p, frames[name].cpu_seconds)
-                    elif letter == "B":
-                        values = wl.run_b(s, p)
-                    elif letter == "C":
-                        values = wl.run_c(s, p, payloads)
-                    else:
-                        values = wl.run_e(s, p, iterations)
-                    _record(results, name, values)
-                    shown = ", ".join(f"{k}={v:,.3f}" for k, v in values.items())
-                    log(f"{letter} {name} rep {rep + 1}: {shown}")
-        finally:
-            for session in sessions.values():
-                session.close()
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 # ----------------------------------------------------------------------------- report
@@ -195,7 +253,7 @@ def table(metrics: list[wl.Metric], names: list[str], results: Results) -> str:
                 cells.append("n/a")
                 continue
             cell = metric.fmt.format(statistics.median(values))
-            ratio = advantage(metric, results, name) if name != "clusterpy" and metric.key != "E.over" else None
+            ratio = advantage(metric, results, name) if name != "clusterpy" and metric.key not in NO_RATIO else None
             if ratio is not None:
                 cell += f" ({ratio:.2f}x)"
             cells.append(cell)
@@ -264,6 +322,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    # A SIGTERM (timeout(1), a CI limit) unwinds like Ctrl-C, so every backend is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not args.host_network:
         enter_private_network(argv)
     letters = "".join(c for c in args.workloads.upper() if c in "ABCDEFG")
@@ -275,14 +335,15 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"unknown frameworks: {', '.join(sorted(unknown))}")
     if "clusterpy" not in wanted:
         wanted.insert(0, "clusterpy")  # every ratio is to clusterpy
-    candidates = {name: fw.FRAMEWORKS[name](args.cpus) for name in ORDER if name in wanted}
-    skipped = {name: f.unavailable for name, f in candidates.items() if f.unavailable}
+    checks = {name: fw.quick_check(name) for name in ORDER if name in wanted}
+    skipped = {name: why for name, why in checks.items() if why}
     for name, why in skipped.items():
         log(f"skipping {name}: {why}")
-    names = [name for name in candidates if name not in skipped]
+    names = [name for name in checks if name not in skipped]
     os.environ["CLUSTERPY_SECRET"] = fw.SECRET
 
     started = datetime.datetime.now().astimezone()
+    load = os.getloadavg()
     results: Results = {}
     extra: dict[str, Any] = {}
     if "D" in letters:
@@ -298,17 +359,11 @@ def main(argv: list[str]) -> int:
     if "F" in letters:
         log("F: scheduling core simulation")
         extra["F"] = simcore.run(args.quick)
-    running: dict[str, fw.Framework] = {}
-    try:
-        if set(letters) & set("ABCE"):
-            for name in names:
-                log(f"starting {name}")
-                candidates[name].launch()
-                running[name] = candidates[name]
-            run_workloads("".join(c for c in letters if c in "ABCE"), running, p, reps, results)
-    finally:
-        for framework in running.values():
-            framework.stop()
+    if "E" in letters:
+        extra["scaling"] = parallel_scaling(args.cpus)
+        log(f"{args.cpus} busy processes take {extra['scaling']:.2f}x as long as one")
+    if set(letters) & set("ABCE"):
+        run_workloads("".join(c for c in letters if c in "ABCE"), names, p, reps, results)
 
     metrics = sorted([*(m for w in wl.WORKLOADS.values() for m in w.metrics), *wl.COLD_START],
                      key=lambda m: m.key[0])  # stable: A, B, C, D, E in declaration order
@@ -318,13 +373,21 @@ def main(argv: list[str]) -> int:
     print(f"Sizes: A {p.a_jobs} jobs (map chunksize {p.chunksize}), B {p.b_calls} calls, C {p.c_jobs} x "
           f"{p.c_bytes >> 20} MB, E {p.e_jobs} x {p.e_seconds} s; {args.cpus} worker CPUs each; "
           f"{reps} repetitions; network: {'private namespace (loopback only)' if fw.isolated_network() else 'host loopback'}")
+    print(f"Load average at the start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; at the end: "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()) + "  ")
+    if "scaling" in extra:
+        print(f"Parallel scaling of this machine: {args.cpus} busy processes (no framework) take "
+              f"{extra['scaling']:.2f}x as long as one (1.00 = {args.cpus} full CPUs)  ")
     for name, why in skipped.items():
         print(f"Skipped {name}: {why}  ")
     print("\nMedians; in parentheses how many times clusterpy is better than that framework (>1: clusterpy wins).\n")
     print(table(metrics, names, results))
-    errors = {name: v for name, v in results.get("A.errors", {}).items()}
-    if errors:
-        print("\nJobs lost by the framework in A (per repetition): " + ", ".join(f"{k}: {v}" for k, v in errors.items()))
+    for key in ("A.errors", "B.errors", "C.errors", "E.errors"):
+        if results.get(key):
+            print(f"\nJobs that {', '.join(results[key])} lost or failed in {key[0]} (per repetition where any): "
+                  + ", ".join(f"{k}: {[int(x) for x in v]}" for k, v in results[key].items()))
+    for note in NOTES:
+        print(f"\nNote: {note}")
     if any(k.startswith("G.") for k in extra):
         print("\n## G. Loopback limit (one echo server process)\n")
         print("| transport | pipelined small msgs/s | sequential RTT median (p99) us | 1 MB echo MB/s (both ways) |")

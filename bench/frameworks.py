@@ -37,6 +37,14 @@ class NotSupported(Exception):
     """The framework has no such operation (printed as n/a)."""
 
 
+class Stalled(Exception):
+    """A job did not end within :data:`JOB_TIMEOUT`: the framework lost it."""
+
+
+#: Seconds any single result may take before the framework is declared stalled.
+JOB_TIMEOUT = 120.0
+
+
 def isolated_network() -> bool:
     """True inside a network namespace whose only interface is loopback."""
     # if_nameindex() asks the kernel about this process's namespace; /sys/class/net would
@@ -81,13 +89,25 @@ class Session:
         raise NotImplementedError
 
     def result(self, handle: Any) -> Any:
-        return handle.result()
+        try:
+            return handle.result(JOB_TIMEOUT)
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            raise Stalled(f"a job did not end within {JOB_TIMEOUT:g} s") from None
 
     def gather(self, handles: list[Any]) -> list[Any]:
         return [self.result(h) for h in handles]
 
     def call(self, *args: Any) -> Any:
         return self.result(self.submit(*args))
+
+    def reset(self) -> None:
+        """Forget the previous run's errors (called at the start of each timed run)."""
+        self.errors = 0
+
+    def finished_at(self, now: float) -> float:
+        """When the last job ended (``time.perf_counter()``); ``now`` unless jobs were lost,
+        so that waiting for a lost job does not count as work."""
+        return now
 
     def map(self, args: Iterable[Any], chunksize: int) -> list[Any]:
         raise NotSupported
@@ -175,10 +195,13 @@ class _ClusterpySession(Session):
         return self.cluster.submit(*args)
 
     def result(self, handle: Any) -> Any:
-        return handle()
+        try:
+            return handle(JOB_TIMEOUT)
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            raise Stalled(f"clusterpy job {handle.id} did not end within {JOB_TIMEOUT:g} s") from None
 
     def close(self) -> None:
-        self.cluster.close()
+        self.cluster.close(terminate=True, timeout=30)
 
 
 class Clusterpy(Framework):
@@ -252,29 +275,73 @@ def start_dispynode(cpus: int, dest: str) -> subprocess.Popen[bytes]:
     return proc
 
 
+#: dispy loses a few very short jobs (see _DispySession): a job with no news for this long,
+#: while no other job ended either, is counted as lost.
+LOST_AFTER = 10.0
+
+
 class _DispySession(Session):
+    """dispynode 4.15 loses very short jobs: a race in its ``job_request`` (``job_info.proc``
+    is already None when it writes the pid file) ends about one in a thousand as Terminated,
+    and sometimes leaves the node believing its CPUs are busy, after which it runs nothing
+    more. A run in which no job ended for :data:`LOST_AFTER` seconds is cut short: the jobs
+    still out are counted in ``errors``, the rate counts the jobs that ended up to the last
+    one, and :attr:`stalled` tells the caller to restart the node. (dispy's ``job_status``
+    callback cannot help: it checks its argument with ``inspect.getargspec``, which Python
+    3.11 no longer has.)"""
+
     def __init__(self, fn: Callable[..., Any], tmp: str) -> None:
         super().__init__(fn)
         import dispy
 
         self.dispy = dispy
+        self.submitted: list[Any] = []
+        self.stalled = False
+        self._progress = (0, time.monotonic())  # (jobs ended, when that count was first seen)
         self.cluster = dispy.JobCluster(
             fn, nodes=["127.0.0.1"], host="127.0.0.1", loglevel=logging.WARNING,
             recover_file=os.path.join(tmp, f"recover-{time.monotonic_ns()}"),
         )
 
+    def reset(self) -> None:
+        super().reset()
+        self.submitted = []
+        self._progress = (0, time.monotonic())
+
     def submit(self, *args: Any) -> Any:
-        return self.cluster.submit(*args)
+        job = self.cluster.submit(*args)
+        self.submitted.append(job)
+        return job
+
+    def _no_progress_for(self) -> float:
+        ended = sum(1 for job in self.submitted if job.finish.is_set())
+        if ended != self._progress[0]:
+            self._progress = (ended, time.monotonic())
+        return time.monotonic() - self._progress[1]
 
     def result(self, handle: Any) -> Any:
-        value = handle()
+        while not handle.finish.wait(0 if self.stalled else 1.0):  # dispy's job() has no timeout
+            if self.stalled or self._no_progress_for() > LOST_AFTER:
+                self.stalled = True
+                self.errors += 1
+                return None
         if handle.status != self.dispy.DispyJob.Finished:
-            # dispynode 4.15 loses a few very short jobs to a race (job_info.proc is None).
             self.errors += 1
-        return value
+        return handle.result
+
+    def finished_at(self, now: float) -> float:
+        if not self.errors:
+            return now
+        ends = [job.end_time for job in self.submitted if job.finish.is_set() and job.end_time]
+        if not ends:
+            raise Stalled("dispy ended none of the jobs")
+        return max(ends) + (time.perf_counter() - time.time())  # the node's clock is ours (one machine)
 
     def close(self) -> None:
-        self.cluster.close()
+        if self.stalled:
+            self.cluster.close(timeout=10, terminate=True)
+        else:
+            self.cluster.close()
 
 
 class Dispy(Framework):
@@ -324,6 +391,10 @@ class _DaskSession(Session):
         return self.client.submit(self.fn, *args, pure=False)
 
     def gather(self, handles: list[Any]) -> list[Any]:
+        from distributed import wait
+
+        if wait(handles, timeout=JOB_TIMEOUT * 5).not_done:
+            raise Stalled(f"dask jobs did not end within {JOB_TIMEOUT * 5:g} s")
         return self.client.gather(handles)
 
     def map(self, args: Iterable[Any], chunksize: int) -> list[Any]:
@@ -424,6 +495,18 @@ class Loky(Framework):
     def stop(self) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=True)
+
+
+def quick_check(name: str) -> str | None:
+    """Why ``name`` cannot run here, without importing it (the runner's import is the real test)."""
+    import importlib.util
+
+    package = {"dask": "distributed"}.get(name, name)
+    if name != "ppe" and importlib.util.find_spec(package) is None:
+        return f"{package} is not installed"
+    if name == "dispy" and not isolated_network():
+        return "dispy broadcasts UDP; run compare.py as root so that it can make a private network namespace (only loopback)"
+    return None
 
 
 FRAMEWORKS: dict[str, type[Framework]] = {

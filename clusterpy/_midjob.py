@@ -28,7 +28,7 @@ from .jobfiles import FileReceiver, job_dir_name
 from .protocol import messages as m
 
 if TYPE_CHECKING:
-    from .client import _NodeLink, _Runtime
+    from ._runtime import _NodeLink, _Runtime
 
 __all__ = ["MidJob", "snapshot"]
 

@@ -95,7 +95,7 @@ class Call(Invocation):
 
             module = getattr(fn, "__module__", None)
             if module not in _modules_checked:  # the check costs ~1 ms; its effect is global
-                from .client import _pickle_by_value_if_local
+                from ._runtime import _pickle_by_value_if_local
 
                 _pickle_by_value_if_local(fn)
                 _modules_checked.add(module)
@@ -180,7 +180,9 @@ def load_scattered(sha: str) -> Any:
         LookupError: the file is not there: the handle came from another cluster, or this is
             not a job (a handle is a reference to data on the nodes).
     """
-    key = (os.getcwd(), sha)
+    # The computation's directory: a return_files job runs in a private directory where
+    # SCATTER_DIR is a link to the computation's (clusterpy.progress.private_dir).
+    key = (os.path.dirname(os.path.realpath(SCATTER_DIR)), sha)
     try:
         return _scattered[key]
     except KeyError:

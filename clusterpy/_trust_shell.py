@@ -50,7 +50,7 @@ from .progress import DROPPED
 from .protocol import messages as m
 
 if TYPE_CHECKING:
-    from .client import _NodeLink, _Runtime
+    from ._runtime import _NodeLink, _Runtime
 
 __all__ = ["TrustShell"]
 
@@ -194,11 +194,11 @@ class TrustShell:
             job = self.tasks.pop(action.task_id)
             self._drop_outcomes(action.task_id)
             if action.cancelled:
-                rt.finish(job, JobStatus.Cancelled, exc=JobCancelledError(f"job {job.id!r} was cancelled"))
+                self._finish(job, JobStatus.Cancelled, exc=JobCancelledError(f"job {job.id!r} was cancelled"))
             else:
                 rt.stats.verdict(job._key, "failed")
-                rt.finish(job, JobStatus.Terminated,
-                          exc=VerificationError(f"job {job.id!r} has no trustworthy result: {action.reason}"))
+                self._finish(job, JobStatus.Terminated,
+                             exc=VerificationError(f"job {job.id!r} has no trustworthy result: {action.reason}"))
         elif isinstance(action, DistrustNode):
             link = rt.by_node.get(action.node_id)
             log.warning("node %s is no longer trusted: %s; it gets no more jobs",
@@ -214,20 +214,27 @@ class TrustShell:
         outcome = self.outcomes.pop(action.replica_id)
         self._drop_outcomes(action.task_id)
         rt.stats.verdict(job._key, action.verdict)
-        # The first replica's id is the job's key: while it still runs (to be judged), keep it.
-        entry = rt.jobs.get(job._key) if action.task_id != action.replica_id and self.core.knows(job._key) else None
         if outcome[0] == "report":
             _, link, msg = outcome
-            rt.record("done", msg.job_id, link.node_id, msg)
+            rt.record("done", job._key, link.node_id, msg)  # the job's own key: recover_jobs knows it
             status, result, exc = apply_report(job, msg, ip_addr=link.ip_addr, node_id=link.node_id,
                                                hostname=link.hostname, where=f"on node {link.name}")
-            rt.finish(job, status, result=None if result is DROPPED else result, exc=exc)
+            self._finish(job, status, result=None if result is DROPPED else result, exc=exc)
         else:
             _, status, exc = outcome
             if exc is None:
                 exc = VerificationError(f"job {job.id!r} has no trustworthy result: no other trusted node to run it on")
-            rt.finish(job, status, exc=exc)
-        if entry is not None:
+            self._finish(job, status, exc=exc)
+
+    def _finish(self, job: ClusterJob, status: JobStatus, *, result: Any = None,
+                exc: BaseException | None = None) -> None:
+        """Resolve the job. Its first replica's id is the job's key: if the scheduler still
+        holds that replica (running to be judged, or being cancelled), its table entry stays
+        until the node reports it."""
+        rt = self.rt
+        entry = rt.jobs.get(job._key)
+        rt.finish(job, status, result=result, exc=exc)
+        if entry is not None and rt.core.attempt_of(job._key) is not None:
             rt.jobs[job._key] = entry
             rt.idle.clear()
 

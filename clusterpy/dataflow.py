@@ -34,7 +34,7 @@ from .errors import ClusterClosedError, ClusterError, JobCancelledError, Upstrea
 from .job import ClusterJob, JobStatus
 
 if TYPE_CHECKING:
-    from .client import _Runtime
+    from ._runtime import _Runtime
 
 __all__ = ["find_upstream", "substitute", "Dependents"]
 

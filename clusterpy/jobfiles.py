@@ -23,6 +23,8 @@ __all__ = ["FileReceiver", "job_dir_name"]
 log = logging.getLogger("clusterpy.jobfiles")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Files being received at once (each holds two descriptors); more are refused.
+MAX_OPEN = 256
 
 
 def job_dir_name(job_id: object, key: str) -> str:
@@ -106,6 +108,8 @@ class FileReceiver:
             self._refused.add(key)
 
     def _begin(self, key: tuple[str, int, str], job_dir: str) -> _Transfer:
+        if len(self._open) >= MAX_OPEN:
+            raise ClusterError(f"file {key[2]!r} refused: {MAX_OPEN} files are being received already")
         name = validate_name(key[2])
         if not _is_comp_id(job_dir):
             raise ClusterError(f"unsafe job directory name {job_dir!r}")

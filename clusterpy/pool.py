@@ -386,6 +386,10 @@ class WorkerPool:
         self._idle: list[_Worker] = []
         self._waiters: deque[asyncio.Future[_Worker]] = deque()
         self._running: dict[str, _Worker] = {}  # job_id -> worker
+        # Jobs whose run() waits for a worker (one is being replaced), and those of them that
+        # terminate() stopped before they got one: they end "terminated" without running.
+        self._acquiring: set[str] = set()
+        self._stopped: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._capture_dir = ""
         self._state = "new"  # -> "open" -> "closing" -> "closed"
@@ -537,7 +541,20 @@ class WorkerPool:
         self._check_open()
         if job.comp_id not in self._specs:
             raise KeyError(f"unknown computation {job.comp_id!r}")
-        worker = await self._acquire(job.comp_id)
+        self._acquiring.add(job.job_id)
+        try:
+            worker = await self._acquire(job.comp_id)
+        except BaseException:
+            self._stopped.discard(job.job_id)
+            raise
+        finally:
+            self._acquiring.discard(job.job_id)
+        if job.job_id in self._stopped:
+            self._stopped.discard(job.job_id)
+            self._release(worker)
+            now = time.time()
+            return JobOutcome(job.job_id, "terminated", None, None, None, "terminated before it started",
+                              None, b"", b"", now, now, 0.0, None)
         spec = self._specs.get(job.comp_id)
         if spec is None or job.job_id in self._running:
             self._release(worker)
@@ -577,9 +594,13 @@ class WorkerPool:
 
     async def terminate(self, job_id: str) -> bool:
         """Kill the worker running ``job_id`` (its run() then returns "terminated"; the
-        worker is replaced). Returns False if no such job is running."""
+        worker is replaced); a job whose run() still waits for a worker ends "terminated" as
+        soon as it gets one, without running. Returns False if no such job is running."""
         worker = self._running.get(job_id)
         if worker is None:
+            if job_id in self._acquiring:
+                self._stopped.add(job_id)
+                return True
             return False
         log.info("terminating job %s (worker %d)", job_id, worker.pid)
         worker.terminating = True

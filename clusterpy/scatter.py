@@ -44,7 +44,8 @@ from .errors import ClusterClosedError, ClusterError, ConfigurationError, Depend
 from .protocol import messages as m
 
 if TYPE_CHECKING:
-    from .client import JobCluster, _NodeLink, _Runtime
+    from ._runtime import _NodeLink, _Runtime
+    from .client import JobCluster
 
 __all__ = ["Scattered", "ScatterState", "scatter", "scatter_async"]
 

@@ -46,7 +46,8 @@ class NodeStats(_Items):
     observed (what the scheduler ranks free nodes by); ``observed_job_time``: its typical job
     duration (None before its first job). ``trusted`` is False once it returned a result that
     failed verification or disagreed with a majority (``distrust_reason`` says which); it then
-    gets no more jobs. ``retries``: replicas re-run because of this node's results.
+    gets no more jobs. ``verified`` / ``failed_verification``: its results checked by ``verify``;
+    ``agreed`` / ``disagreed``: its replicas compared with the majority.
     """
 
     node_id: str
@@ -219,7 +220,7 @@ class StatsRecorder:
 def collect(rt: Any) -> ClusterStats:
     """A snapshot of a client runtime's statistics (``JobCluster.stats``; in its event loop).
 
-    ``rt`` is a ``clusterpy.client._Runtime``: its recorder, node links, scheduling core (speeds,
+    ``rt`` is a ``clusterpy._runtime._Runtime``: its recorder, node links, scheduling core (speeds,
     load) and trust shell (verification and voting records)."""
     recorder: StatsRecorder = rt.stats
     trust = rt.trust.core.node_records() if rt.trust is not None else {}

@@ -449,7 +449,8 @@ def _run_program(comp: _Computation, args: tuple[object, ...], kwargs: dict[str,
         raise TypeError(f"a program computation takes no keyword arguments (got {sorted(kwargs)})")
     argv = list(comp.program or ()) + [str(a) for a in args]
     # stdout/stderr are inherited: fds 1 and 2 are this job's capture files.
-    return subprocess.run(argv, cwd=comp.workdir, stdin=subprocess.DEVNULL, check=False).returncode
+    # The job's cwd: the computation's directory, or a return_files job's private one.
+    return subprocess.run(argv, cwd=os.getcwd(), stdin=subprocess.DEVNULL, check=False).returncode
 
 
 def _inject(depends: object, functions: tuple[object, ...]) -> None:

@@ -138,3 +138,43 @@ def test_async_example_runs():
     assert out.returncode == 0, out.stderr
     assert "gathered: [0, 1, 4, 9, 16]" in out.stdout
     assert "cancelled on the node: Cancelled" in out.stdout
+
+
+async def test_pool_terminates_a_job_still_waiting_for_a_worker(tmp_path):
+    """The lowest level of the next test: WorkerPool.terminate of a job whose run() waits for
+    a worker (the only one is being replaced) stops it before it runs."""
+    from clusterpy.pool import WorkerPool
+
+    from .test_pool import function_spec, job as worker_job, sleep_and_pid
+
+    async with WorkerPool(1) as pool:
+        pool.add_computation(function_spec(tmp_path, sleep_and_pid))
+        first, second = worker_job(30), worker_job(30)
+        running = asyncio.ensure_future(pool.run(first))
+        while first.job_id not in pool._running:
+            await asyncio.sleep(0.005)
+        assert await pool.terminate(first.job_id)  # the only worker dies and is being replaced
+        waiting = asyncio.ensure_future(pool.run(second))
+        await asyncio.sleep(0)  # it now waits for the replacement
+        assert await pool.terminate(second.job_id)
+        outcomes = await asyncio.wait_for(asyncio.gather(running, waiting), 15)
+        assert [o.status for o in outcomes] == ["terminated", "terminated"]
+        assert outcomes[1].start_time == outcomes[1].end_time  # it never ran
+        assert not await pool.terminate("no-such-job")
+
+
+def test_cancel_reaches_a_started_job_still_waiting_for_its_worker(one_cpu):
+    """A node reports a job started before a worker has taken it (e.g. while the worker of a
+    terminated job is being replaced): a cancel in that window must still stop it."""
+    first, second = one_cpu.submit(30, 1), one_cpu.submit(30, 2)
+    deadline = time.monotonic() + 15
+    while first.status is not JobStatus.Running and time.monotonic() < deadline:
+        time.sleep(0.005)
+    first.cancel()  # its worker is killed and replaced; the second job starts waiting for it
+    while second.status is not JobStatus.Running and time.monotonic() < deadline:
+        time.sleep(0.001)
+    second.cancel()
+    for job in (first, second):
+        with pytest.raises(JobCancelledError):
+            job(10)
+    assert one_cpu.submit(0, "free")(10) == "free"

@@ -150,6 +150,33 @@ def test_return_files_brings_back_what_each_job_made(node, tmp_path):
         assert not (files / str(job.id) / "input.txt").exists()  # only what the job made
 
 
+def uses_scattered(table, key):
+    with open(f"{key}.txt", "w") as f:
+        f.write(str(table[key]))
+    return len(table)
+
+
+def test_return_files_jobs_see_scattered_objects(node, tmp_path):
+    with clusterpy.JobCluster(uses_scattered, nodes=[node.address], return_files=True,
+                              files_dir=str(tmp_path)) as cluster:
+        table = cluster.scatter({f"k{i}": i * i for i in range(100)})
+        jobs = [cluster.submit(table, f"k{i}") for i in range(3)]
+        assert [job() for job in jobs] == [100] * 3
+    assert [(tmp_path / str(job.id) / f"k{i}.txt").read_text() for i, job in enumerate(jobs)] == ["0", "1", "4"]
+
+
+def test_return_files_works_for_programs_too(node, tmp_path):
+    program = tmp_path / "writer.py"
+    program.write_text("import sys\nopen(f'out-{sys.argv[1]}.txt', 'w').write('x' * int(sys.argv[1]))\n")
+    with clusterpy.JobCluster(str(program), nodes=[node.address], return_files=True,
+                              files_dir=str(tmp_path / "back")) as cluster:
+        jobs = [cluster.submit(n) for n in (3, 5)]
+        assert [job() for job in jobs] == [0, 0]
+    for job, n in zip(jobs, (3, 5)):
+        assert job.files == [str(tmp_path / "back" / str(job.id) / f"out-{n}.txt")]
+        assert (tmp_path / "back" / str(job.id) / f"out-{n}.txt").read_text() == "x" * n
+
+
 def test_provisional_example_runs(node, tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "examples" / "provisional.py"), node.address],
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)

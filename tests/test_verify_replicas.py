@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 
 import clusterpy
 from clusterpy import JobStatus
-from clusterpy.errors import VerificationError
+from clusterpy.errors import JobCancelledError, VerificationError
 
 from .conftest import REPO
 
@@ -93,6 +94,32 @@ def test_replicate_fraction_replicates_part_of_the_jobs(start_node):
     verdicts = [j.verification for j in stats.jobs]
     assert verdicts.count("unchecked") == 6 and verdicts.count("voted 2/2") == 2
     assert sum(j.runs for j in stats.jobs) == 10
+
+
+def slow_identity(x):
+    import time
+
+    time.sleep(x)
+    return x
+
+
+def test_cancelling_and_stopping_replicated_jobs_while_they_run(start_node):
+    nodes = [start_node(cpus=1) for _ in range(2)]
+    with clusterpy.JobCluster(slow_identity, nodes=[n.address for n in nodes], replicas=2,
+                              verify=lambda r, x: r == x) as cluster:
+        running = cluster.submit(5)
+        deadline = time.monotonic() + 10
+        while running.status is not JobStatus.Running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cluster.cancel(running)
+        with pytest.raises(JobCancelledError):
+            running(10)
+        jobs = [cluster.submit(5) for _ in range(3)]
+        assert cluster.stop() == 3
+        assert cluster.wait(10)  # every replica's node confirmed: nothing runs any more
+        assert all(job.status is JobStatus.Cancelled for job in jobs)
+        assert cluster.submit(0.01)() == 0.01  # both nodes still trusted and in use
+        assert cluster.stats().untrusted_nodes == []
 
 
 def test_bad_trust_options_are_refused():

@@ -1,0 +1,671 @@
+"""The client's event-loop side: node links and the runtime that drives the scheduling core.
+
+Everything here lives in the cluster's event-loop thread (see :mod:`clusterpy.client` for the
+public, thread-safe facade). ``_Runtime`` turns node messages into scheduling-core events and
+executes the core's actions; ``_NodeLink`` is one authenticated connection to a node, kept up
+(reconnecting after a loss) and deploying the computation on each new incarnation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import site
+import sys
+import sysconfig
+import tempfile
+import time
+from typing import Any
+
+import cloudpickle
+
+from . import deps as deps_mod
+from .core.scheduler import (
+    CancelOnNode,
+    CancelRequested,
+    DeliverResult,
+    DispatchJobs,
+    JobReported,
+    JobsStarted,
+    JobState,
+    JobSubmitted,
+    NodeDistrusted,
+    NodeJoined,
+    NodeLost,
+    NodeResized,
+    ResolveJob,
+    SchedulerCore,
+)
+from .errors import (
+    AuthenticationError,
+    ClusterError,
+    ConfigurationError,
+    ConnectionClosedError,
+    JobCancelledError,
+    ProtocolError,
+    VersionMismatchError,
+)
+from .identity import local_info
+from .dataflow import Dependents
+from .journal import JournalWriter
+from .monitor import JobHistory, job_ended
+from .job import ClusterJob, JobStatus, apply_report
+from ._midjob import MidJob
+from .progress import DROPPED
+from .protocol import codec
+from .stats import StatsRecorder
+from .protocol import messages as m
+from .scatter import ScatterState
+from .transport.stream import Connection, connect
+
+__all__: list[str] = []  # private: the public API is clusterpy.client.JobCluster
+
+log = logging.getLogger("clusterpy.client")
+
+_PERMANENT = (AuthenticationError, VersionMismatchError)
+
+
+def _score(text: str | None) -> float:
+    """A node's speed score from its handshake info (1.0 if it sent none or nonsense)."""
+    try:
+        value = float(text) if text is not None else 1.0
+    except ValueError:
+        return 1.0
+    return value if 0.0 < value < float("inf") else 1.0
+
+
+def _trust_options(verify: Any, replicas: int, fraction: float, max_reruns: int, distrust_after: int,
+                   rerun_untrusted: bool) -> dict[str, Any] | None:
+    """JobCluster's trust arguments, checked; None when neither verify nor replicas is asked for."""
+    if verify is not None and not callable(verify):
+        raise ConfigurationError(f"verify must be callable, not {type(verify).__name__}")
+    for name, value, low in (("replicas", replicas, 1), ("max_reruns", max_reruns, 0), ("distrust_after", distrust_after, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigurationError(f"{name} must be an int of at least {low}, not {value!r}")
+    if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+        raise ConfigurationError(f"replicate_fraction must be between 0 and 1, not {fraction!r}")
+    if verify is None and (replicas == 1 or fraction == 0):
+        return None  # plain jobs: no trust layer at all
+    return dict(verify=verify, replicas=replicas, replicate_fraction=float(fraction), max_reruns=max_reruns,
+                distrust_after=distrust_after, rerun_untrusted=bool(rerun_untrusted))
+
+
+def _parse_node(spec: str, default_port: int) -> tuple[str, int]:
+    host, sep, port = spec.rpartition(":")
+    if sep and port.isdigit() and host and not host.endswith(":"):
+        return host.strip("[]"), int(port)
+    return spec, default_port
+
+
+def _pickle_by_value_if_local(obj: Any) -> None:
+    """Ship functions from the user's own modules by value, as cloudpickle does for __main__.
+
+    A module that is not installed (not under the standard library or site-packages) exists
+    only on the client, so the nodes could not import it to find the function by reference.
+    """
+    name = getattr(obj, "__module__", None)
+    module = sys.modules.get(name) if name else None
+    path = getattr(module, "__file__", None)
+    if module is None or not path or name == "__main__":
+        return
+    path = os.path.realpath(path)
+    installed = {os.path.realpath(p) for p in (sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"],
+                                               sysconfig.get_paths()["platlib"], *site.getsitepackages())}
+    if any(path.startswith(prefix + os.sep) for prefix in installed) or name.split(".")[0] == "clusterpy":
+        return
+    cloudpickle.register_pickle_by_value(module)
+
+
+class _NodeLink:
+    """The connection to one node: handshake, deployment of the computation, then messages."""
+
+    def __init__(self, runtime: "_Runtime", host: str, port: int) -> None:
+        self.runtime = runtime
+        self.host = host
+        self.port = port
+        self.conn: Connection | None = None
+        self.node_id: str | None = None
+        self.hostname = host
+        self.ip_addr = host
+        self.cpus = 0
+        self.joined = False
+        self.jobs_done = 0
+        self.cpu_time = 0.0
+        self.score = 1.0  # the node's benchmark score (clusterpy.benchmark), from its handshake
+        self.pending_submit: list[m.JobRequest] = []
+        self.error: BaseException | None = None
+        self.last_heard = 0.0
+        self.lost_reason: str | None = None
+        self.stopped = False  # stop(): the cluster no longer uses this node
+        # This node's own computation and files (JobCluster._accept_node may set them; dispy's
+        # NodeAllocate gives nodes their own setup_args and depends); None: the cluster's.
+        self.deployment: tuple[m.DeployComputation, deps_mod.Dependencies] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def run(self) -> None:
+        """Connect, deploy, serve; after a loss, reconnect (the node may come back, or be
+        restarted as a new incarnation) until the cluster closes or the node refuses us."""
+        rt = self.runtime
+        while not rt.closing and not self.stopped:
+            conn = await self._connect()
+            if conn is None:
+                return
+            self.conn = conn
+            self.node_id = conn.peer_info.get("node_id", self.name)
+            self.hostname = conn.peer_info.get("hostname", self.host)
+            peer = conn.peername
+            self.ip_addr = peer[0] if peer else self.host
+            self.cpus = max(1, int(conn.peer_info.get("cpus", "1")))
+            self.score = _score(conn.peer_info.get("score"))
+            if not rt.cluster._accept_node(self):  # the cluster does not use this node (NodeAllocate)
+                await conn.aclose()
+                rt.drop_link(self)
+                return
+            try:
+                await self._deploy(conn)
+            except ClusterError as exc:
+                await conn.aclose()
+                if isinstance(exc, (ConnectionClosedError, ProtocolError)):
+                    await asyncio.sleep(rt.reconnect_delay)
+                    continue
+                self.error = exc  # the node refused the computation: retrying cannot help
+                log.error("node %s: %s", self.name, exc)
+                rt.link_failed(self, exc)
+                return
+            except OSError:
+                await conn.aclose()
+                await asyncio.sleep(rt.reconnect_delay)
+                continue
+            self.joined = True
+            self.last_heard = time.monotonic()
+            rt.node_joined(self)
+            reason = "connection closed"
+            try:
+                while True:
+                    payload = await conn.recv()
+                    self.last_heard = time.monotonic()
+                    message = codec.decode(payload)
+                    try:
+                        rt.on_message(self, message)
+                    except Exception:  # a bug of ours must be loud, but must not stall the cluster
+                        log.exception("error handling %s from node %s", type(message).__name__, self.name)
+            except ConnectionClosedError:
+                reason = self.lost_reason or "connection closed by the node"
+            except (ProtocolError, OSError) as exc:
+                reason = str(exc) or type(exc).__name__
+            finally:
+                await conn.aclose()
+                rt.link_lost(self, reason)
+                self.lost_reason = None
+            await asyncio.sleep(rt.reconnect_delay)
+
+    async def _connect(self) -> Connection | None:
+        rt = self.runtime
+        delay = rt.reconnect_delay
+        while not rt.closing and not self.stopped:
+            try:
+                return await connect(
+                    self.host, self.port, secret=rt.secret, role="client", info=local_info(),
+                    expected_peer_roles=rt.cluster._peer_roles, handshake_timeout=rt.connect_timeout,
+                    ssl=rt.tls_for(self.host, self.port),
+                )
+            except _PERMANENT as exc:
+                self.error = exc
+                log.error("node %s refused us and will not be retried: %s", self.name, exc)
+                rt.link_failed(self, exc)
+                return None
+            except (ClusterError, OSError, asyncio.TimeoutError) as exc:
+                self.error = exc
+                log.debug("node %s not reachable yet: %s", self.name, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        return None
+
+    def stop(self, reason: str) -> None:
+        """Stop using this node: close the computation there (its jobs end on the node), drop
+        the connection (the core moves or abandons the jobs it held), and never reconnect."""
+        self.stopped = True
+        self.pending_submit.clear()  # not sent: the core moves or abandons them with the node
+        self.send(m.CloseComputation(self.runtime.comp_id))
+        self.declare_lost(reason)
+
+    def declare_lost(self, reason: str) -> None:
+        """Drop the connection (the read loop then reports the node lost)."""
+        if self.conn is not None and not self.conn.closed:
+            self.lost_reason = reason
+            self.conn.close()
+
+    async def _deploy(self, conn: Connection) -> None:
+        rt = self.runtime
+        deploy, dependencies = self.deployment or (rt.deploy_message, rt.dependencies)
+        conn.send(codec.encode(deploy))
+        await conn.drain()
+        needed = codec.decode(await conn.recv())
+        if isinstance(needed, m.ComputationFailed):
+            raise ClusterError(f"node {self.name} refused the computation: {needed.reason}")
+        if not isinstance(needed, m.FilesNeeded):
+            raise ProtocolError(f"expected FilesNeeded, got {type(needed).__name__}")
+        by_hash = {f.sha256: f for f in dependencies.files}
+        for sha in needed.sha256s:
+            entry = by_hash.get(sha)
+            if entry is None:
+                raise ProtocolError(f"node asked for a file we did not offer ({sha[:12]})")
+            for chunk in deps_mod.iter_chunks(entry, rt.chunk_size):
+                conn.send(codec.encode(m.FileChunk(rt.comp_id, sha, chunk, False)))
+                await conn.drain()
+            conn.send(codec.encode(m.FileChunk(rt.comp_id, sha, b"", True)))
+            await conn.drain()
+        reply = codec.decode(await conn.recv())
+        if isinstance(reply, m.ComputationFailed):
+            raise ClusterError(f"node {self.name} refused the computation: {reply.reason}")
+        if not isinstance(reply, m.ComputationReady):
+            raise ProtocolError(f"expected ComputationReady, got {type(reply).__name__}")
+
+    def flush(self) -> None:
+        if self.pending_submit and self.conn is not None and not self.conn.closed:
+            self.conn.send(codec.encode(m.SubmitJobs(self.runtime.comp_id, tuple(self.pending_submit))))
+        self.pending_submit.clear()
+
+    def send(self, message: object) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.send(codec.encode(message))
+
+
+class _Runtime:
+    """Everything that lives in the cluster's event loop."""
+
+    def __init__(self, cluster: Any) -> None:  # the JobCluster that owns this runtime
+        self.cluster = cluster
+        self.secret = cluster._secret
+        self.connect_timeout = cluster.connect_timeout
+        self.pulse_interval = cluster.pulse_interval
+        self.node_timeout = cluster.node_timeout
+        self.reconnect_delay = min(1.0, cluster.pulse_interval)
+        self.chunk_size = 1 << 20
+        self.comp_id = cluster._comp_id
+        self.deploy_message = cluster._deploy_message
+        self.dependencies = cluster._dependencies
+        self.core = SchedulerCore(prefetch=cluster.prefetch, reentrant=cluster.reentrant,
+                                  allowed_failures=cluster.allowed_failures)
+        self.jobs: dict[str, tuple[ClusterJob, bytes, float | None]] = {}
+        # Statistics, provisional results and files, and trust (verify=, replicas=): stats.py,
+        # _midjob.py, _trust_shell.py.
+        self.stats = StatsRecorder()
+        self.midjob = MidJob(self, cluster.files_dir, cluster.max_file_size)
+        self.trust = cluster._make_trust(self)
+        self.links: list[_NodeLink] = []
+        self.by_node: dict[str, _NodeLink] = {}
+        self.closing = False
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._flush_scheduled = False
+        self._dirty: set[_NodeLink] = set()
+        self.local_node: Any = None
+        self.discovery: Any = None  # transport.udp.DiscoveryClient when discovering
+        self._local_start: asyncio.Future[int] | None = None
+        self.journal: JournalWriter | None = cluster._journal
+        self._journal_flush_scheduled = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.dependents = Dependents(self)  # jobs waiting for upstream results (clusterpy.dataflow)
+        self.scatter = ScatterState(self)  # scattered objects and their transfers (clusterpy.scatter)
+        self.history = JobHistory()  # counts, throughput and latest failures, for the monitor
+        self.monitor: Any = None  # clusterpy.monitor.MonitorServer when monitor= is given
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    async def start(self, addresses: list[tuple[str, int]], local: bool) -> None:
+        if local:
+            addresses = [*addresses, ("127.0.0.1", await self._start_local())]
+        for host, port in addresses:
+            self.add_link(host, port)
+        self.spawn(self._pulse())
+        if self.cluster._discovery is not None:
+            from .transport.udp import DiscoveryClient
+
+            self.discovery = DiscoveryClient(self.secret, on_found=self._discovered, explicit=addresses,
+                                             **self.cluster._discovery)
+            await self.discovery.start()
+            if self.cluster._local_fallback is not None:
+                self.spawn(self._local_fallback(self.cluster._local_fallback))
+
+    async def _start_local(self) -> int:
+        from .node import NodeServer  # the embedded node; workers are real processes
+
+        dest = tempfile.mkdtemp(prefix="clusterpy-local-")
+        self.local_node = NodeServer(secret=self.secret, host="127.0.0.1", port=0,
+                                     cpus=self.cluster.local_cpus, dest_path=dest, discovery=False)
+        self.local_node._own_dest = dest
+        await self.local_node.start()
+        return int(self.local_node.port)
+
+    async def _local_fallback(self, wait: float) -> None:
+        """No node named and none discovered within ``wait`` seconds: use the embedded node."""
+        await asyncio.sleep(wait)
+        if self.closing or self.links:
+            return
+        log.info("no node discovered within %gs: starting the embedded local node", wait)
+        # Not cancelled by aclose (a half-started node would leak workers): aclose awaits it.
+        self._local_start = asyncio.ensure_future(self._start_local())
+        port = await asyncio.shield(self._local_start)
+        if not self.closing:
+            self.add_link("127.0.0.1", port)
+
+    def _discovered(self, found: Any) -> None:
+        # A link reconnects by itself (a restarted node answers again with a new incarnation).
+        if not self.closing and not any((k.host, k.port) == (found.host, found.port) for k in self.links):
+            self.add_link(found.host, found.port)
+
+    async def _pulse(self) -> None:
+        """Ping every node each pulse; a node silent past node_timeout is lost.
+
+        A slow node still answers (its event loop never runs jobs), so only a dead, stopped
+        or unreachable node misses pulses."""
+        while True:
+            await asyncio.sleep(self.pulse_interval)
+            now = time.monotonic()
+            for link in list(self.by_node.values()):
+                silent = now - link.last_heard
+                if silent > self.node_timeout:
+                    log.warning("node %s silent for %.1fs (limit %.1fs): declaring it lost",
+                                link.name, silent, self.node_timeout)
+                    link.declare_lost(f"no pulse for {silent:.1f}s")
+                else:
+                    link.send(m.Ping(time.time()))
+
+    def tls_for(self, host: str, port: int) -> Any:
+        """The client's TLS context for a node; None (plain TCP) for the embedded local node,
+        which has no certificate and is reachable only on this machine's loopback."""
+        local = self.local_node
+        if local is not None and host == "127.0.0.1" and port == local.port:
+            return None
+        return self.cluster._ssl
+
+    def add_link(self, host: str, port: int) -> _NodeLink:
+        link = _NodeLink(self, host, port)
+        self.links.append(link)
+        self.spawn(link.run())
+        return link
+
+    # ---------------------------------------------------------------- core plumbing
+
+    def record(self, *fields: Any) -> None:
+        """Journal one event; it reaches the file at the end of this loop turn."""
+        if self.journal is None:
+            return
+        self.journal.append(*fields)
+        if not self._journal_flush_scheduled:
+            self._journal_flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_journal)
+
+    def _flush_journal(self) -> None:
+        self._journal_flush_scheduled = False
+        if self.journal is not None:
+            self.journal.sync(1.0)
+
+    def execute(self, actions: list[Any]) -> None:
+        for action in actions:
+            if isinstance(action, DispatchJobs):
+                link = self.by_node[action.node_id]
+                for job_id, attempt in action.jobs:
+                    _job, args, timeout = self.jobs[job_id]
+                    self.stats.dispatched(action.node_id, _job._key, len(args))
+                    link.pending_submit.append(m.JobRequest(job_id, attempt, args, timeout, self.cluster.cpus_per_job))
+                    self.record("dispatch", job_id, action.node_id, attempt)
+                self._dirty.add(link)
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._flush)
+            elif isinstance(action, ResolveJob):
+                entry = self.jobs.get(action.job_id)
+                if entry is None:  # already resolved (a replica the trust layer settled, a cancel)
+                    log.debug("job %s ended twice (%s); the first end stands", action.job_id, action.state.value)
+                    continue
+                job = entry[0]
+                self.record("resolved", action.job_id, action.state.value, action.reason)
+                self.midjob.ended(action.job_id)
+                exc: BaseException
+                if action.state is JobState.CANCELLED:
+                    status, exc = JobStatus.Cancelled, JobCancelledError(f"job {job.id!r} was cancelled")
+                else:
+                    status, exc = JobStatus.Abandoned, self.cluster._lost_error(f"job {job.id!r} abandoned: {action.reason}")
+                if self.trust is not None and self.trust.manages(job):
+                    self.trust.on_resolved(action, status, exc)  # one replica of it: the trust core decides
+                else:
+                    self.finish(job, status, exc=exc)
+            elif isinstance(action, CancelOnNode):
+                link = self.by_node.get(action.node_id)
+                if link is not None:
+                    link.flush()
+                    link.send(m.CancelJob(self.comp_id, action.job_id, action.attempt))
+            elif isinstance(action, DeliverResult):
+                pass  # handled by the caller, which holds the report
+            else:  # pragma: no cover - a new action type must be handled here
+                raise TypeError(action)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        for link in self._dirty:
+            link.flush()
+        self._dirty.clear()
+
+    def submit(self, job: ClusterJob, args: bytes, timeout: float | None, node: str | None) -> None:
+        self.jobs[job._key] = (job, args, timeout)
+        self.idle.clear()
+        self.record("submit", job._key, job.id, args, timeout)
+        self.stats.submitted(job._key, job.id, job.submit_time, len(args))
+        if self.trust is not None and node is None:  # verify / replicas (a pinned job is not re-run elsewhere)
+            self.trust.submit(job, args, timeout)
+            self._check_all_failed()
+            return
+        node_id = None if node is None else (self._find_node(node) or node)
+        self.execute(self.core.handle(JobSubmitted(job._key, node_id=node_id)))
+        self._check_all_failed()
+
+    def _find_node(self, node: str) -> str | None:
+        for link in self.links:
+            if link.joined and node in (link.node_id, link.host, link.ip_addr, link.hostname, link.name):
+                return link.node_id
+        return None
+
+    def cancel(self, job: ClusterJob) -> None:
+        if self.dependents.cancel(job):
+            return
+        if self.trust is not None and job._key in self.trust.tasks:
+            self.trust.cancel(job)
+            return
+        if job._key in self.jobs:
+            self.execute(self.core.handle(CancelRequested(job._key)))
+
+    def node_joined(self, link: _NodeLink) -> None:
+        assert link.node_id is not None
+        if link.node_id in self.by_node:
+            log.warning("node %s is already in the cluster (same node id); ignoring the second link", link.name)
+            return
+        self.by_node[link.node_id] = link
+        self.record("node", link.node_id, link.host, link.port, link.ip_addr, link.hostname)
+        log.info("node %s (%s, %d CPUs) joined", link.name, link.hostname, link.cpus)
+        self.scatter.on_join(link)  # scattered objects reach the node before its first job
+        # A node fits cpus // cpus_per_job jobs at once (the node itself enforces the CPUs).
+        self.execute(self.core.handle(NodeJoined(link.node_id, max(1, link.cpus // self.cluster.cpus_per_job),
+                                                 speed=link.score)))
+        if self.trust is not None and self.trust.core.distrusted(link.node_id):
+            # It came back (same node id): still untrusted. Trust-managed jobs exclude it anyway.
+            self.execute(self.core.handle(NodeDistrusted(link.node_id, "it returned wrong results before")))
+        self.cluster._node_changed(link, True)
+
+    def link_lost(self, link: _NodeLink, reason: str) -> None:
+        self.scatter.link_lost(link)
+        if link.node_id is not None and self.by_node.get(link.node_id) is link:
+            del self.by_node[link.node_id]
+            if not self.closing:
+                log.warning("node %s lost: %s", link.name, reason)
+            self.execute(self.core.handle(NodeLost(link.node_id, reason)))
+            self.cluster._node_changed(link, False)
+        self._check_all_failed()
+
+    def link_failed(self, link: _NodeLink, exc: BaseException) -> None:
+        self._check_all_failed()
+
+    def drop_link(self, link: _NodeLink) -> None:
+        """Forget a link the cluster refused (``JobCluster._accept_node``): discovery or
+        ``add_link`` may bring the node back later."""
+        if link in self.links:
+            self.links.remove(link)
+        self._check_all_failed()
+
+    def resize_node(self, node_id: str, cpus: int) -> bool:
+        """Run at most ``cpus`` jobs at once on the node from now on (0: none); jobs already
+        sent run to their end. False if the node is not in the cluster."""
+        link = self.by_node.get(node_id)
+        if link is None:
+            return False
+        link.cpus = max(0, cpus)
+        self.execute(self.core.handle(NodeResized(node_id, max(0, cpus) // self.cluster.cpus_per_job)))
+        return True
+
+    def jobs_on(self, node_id: str) -> list[ClusterJob]:
+        """The unfinished jobs sent to the node (running, or about to), in submission order."""
+        found = []
+        for key, (job, _args, _timeout) in self.jobs.items():
+            try:
+                if self.core.node_of(key) == node_id:
+                    found.append(job)
+            except KeyError:  # held by the trust layer or dataflow, not by the core
+                continue
+        return found
+
+    def _check_all_failed(self) -> None:
+        """If every node refused us for good, waiting jobs would wait forever: fail them."""
+        if self.closing or self.by_node or not self.links:
+            return
+        if all(isinstance(link.error, _PERMANENT) for link in self.links):
+            errors = "; ".join(f"{link.name}: {link.error}" for link in self.links)
+            for key in list(self.jobs):
+                job = self.jobs[key][0]
+                self.core.handle(CancelRequested(key))
+                self.finish(job, JobStatus.Abandoned, exc=ConfigurationError(f"no usable node ({errors})"))
+
+    # ---------------------------------------------------------------- node messages
+
+    def on_message(self, link: _NodeLink, msg: object) -> None:
+        assert link.node_id is not None
+        if isinstance(msg, m.JobDone):
+            self._on_done(link, msg)
+        elif isinstance(msg, m.JobsStarted):
+            self.core.handle(JobsStarted(link.node_id, tuple((s.job_id, s.attempt) for s in msg.jobs)))
+            for s in msg.jobs:
+                entry = self.jobs.get(s.job_id)
+                if entry is not None and entry[0].status is JobStatus.Created:
+                    entry[0].status = JobStatus.Running
+                    entry[0].start_time = s.start_time
+                    entry[0].ip_addr = link.ip_addr
+                    future = entry[0]._future
+                    if not future.done() and not future.running():
+                        future.set_running_or_notify_cancel()  # Future.cancel() now returns False
+                    self.cluster._job_started(entry[0], link)
+        elif isinstance(msg, m.Ping):
+            link.send(m.Pong(msg.sent))
+        elif isinstance(msg, m.Pong):
+            pass
+        elif isinstance(msg, m.FilesNeeded):
+            self.scatter.on_files_needed(link, msg)
+        elif isinstance(msg, m.FilesAdded):
+            self.scatter.on_files_added(link, msg)
+        elif isinstance(msg, m.JobProgress):
+            self.midjob.on_progress(link, msg)
+        elif isinstance(msg, m.JobFile):
+            self.midjob.on_file(link, msg)
+        else:
+            raise ProtocolError(f"unexpected message from a node: {type(msg).__name__}")
+
+    def _on_done(self, link: _NodeLink, msg: m.JobDone) -> None:
+        assert link.node_id is not None
+        ran = msg.end_time - msg.start_time if msg.status in ("finished", "exception") else None
+        actions = self.core.handle(JobReported(link.node_id, msg.job_id, msg.attempt,
+                                               worker_died=msg.status == "died", duration=ran))
+        if not actions or not isinstance(actions[0], DeliverResult):
+            if msg.status == "died" and msg.job_id in self.jobs:
+                log.warning("job %s killed its worker on %s; trying it again", msg.job_id, link.name)
+            log.debug("discarded a late report of job %s attempt %d from %s", msg.job_id, msg.attempt, link.name)
+            self.execute(actions)
+            return
+        entry = self.jobs.get(msg.job_id)
+        if entry is None:  # resolved meanwhile (cancelled, settled by the trust layer): this report is late
+            log.debug("report of job %s from %s came after the job ended; ignored", msg.job_id, link.name)
+            self.execute(actions[1:])
+            return
+        job = entry[0]
+        self.midjob.ended(msg.job_id)
+        link.jobs_done += 1
+        link.cpu_time += msg.cpu_time
+        self.stats.reported(link.node_id, job._key, len(msg.result or b"") + len(msg.stdout) + len(msg.stderr),
+                            msg.cpu_time, msg.end_time - msg.start_time)
+        if self.trust is not None and self.trust.manages(job):
+            self.trust.on_done(link, msg)  # one replica's report: the trust core decides
+            self.execute(actions[1:])
+            return
+        self.record("done", msg.job_id, link.node_id, msg)
+        status, result, exc = apply_report(job, msg, ip_addr=link.ip_addr, node_id=link.node_id,
+                                           hostname=link.hostname, where=f"on node {link.name}")
+        self.finish(job, status, result=None if result is DROPPED else result, exc=exc)
+        self.execute(actions[1:])
+
+    def finish(self, job: ClusterJob, status: JobStatus, *, result: Any = None, exc: BaseException | None = None) -> None:
+        self.jobs.pop(job._key, None)
+        job.status = status
+        if job.end_time is None:
+            job.end_time = time.time()
+        job.result, job.exception = result, exc
+        if not job._future.done():
+            if exc is None:
+                job._future.set_result(result)
+            else:
+                job._future.set_exception(exc)
+        self.history.add(job_ended(job), time.monotonic())
+        self.stats.finished(job._key, status.value, job.node_id, job.start_time, job.end_time)
+        self.cluster._job_done(job)
+        if not self.jobs and not self.dependents:
+            self.idle.set()
+
+    # ---------------------------------------------------------------- shutdown
+
+    async def aclose(self, terminate: bool) -> None:
+        if terminate:
+            self.dependents.cancel_all()
+            for key in list(self.jobs):
+                self.cancel(self.jobs[key][0])
+        await self.idle.wait() if not terminate else await asyncio.wait_for(self.idle.wait(), 10)
+        self.closing = True
+        if self.monitor is not None:
+            await self.monitor.aclose()
+        for link in self.links:
+            if link.conn is not None and not link.conn.closed:
+                link.flush()
+                link.send(m.CloseComputation(self.comp_id))
+                try:
+                    await link.conn.drain()
+                except (ClusterError, OSError):
+                    pass
+                await link.conn.aclose()
+        if self.discovery is not None:
+            await self.discovery.aclose()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self._local_start is not None:
+            await asyncio.gather(self._local_start, return_exceptions=True)
+        if self.local_node is not None:
+            await self.local_node.aclose()
+            import shutil
+
+            shutil.rmtree(self.local_node._own_dest, ignore_errors=True)
+        self.scatter.remove_files()
+        self.midjob.close()
