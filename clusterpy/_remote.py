@@ -54,7 +54,7 @@ _functions: collections.OrderedDict[str, Any] = collections.OrderedDict()
 _scattered: dict[tuple[str, str], Any] = {}
 _stats = {"fn_hits": 0, "fn_loads": 0, "scatter_loads": 0}
 # Client side: modules whose functions were checked for shipping by value (a client's own,
-# uninstalled modules are; see clusterpy.client._pickle_by_value_if_local).
+# uninstalled modules are; see clusterpy._byvalue).
 _modules_checked: set[str | None] = set()
 
 
@@ -95,7 +95,7 @@ class Call(Invocation):
 
             module = getattr(fn, "__module__", None)
             if module not in _modules_checked:  # the check costs ~1 ms; its effect is global
-                from ._runtime import _pickle_by_value_if_local
+                from ._byvalue import pickle_by_value_if_local as _pickle_by_value_if_local
 
                 _pickle_by_value_if_local(fn)
                 _modules_checked.add(module)

@@ -49,7 +49,8 @@ from .stats import ClusterStats
 from .protocol import messages as m
 from .secret import load_secret
 from .discovery import DEFAULT_RELAY_PORT, DiscoveryKey, plan_nodes
-from ._runtime import _NodeLink, _Runtime, _parse_node, _pickle_by_value_if_local, _trust_options
+from ._byvalue import pickle_by_value_if_local as _pickle_by_value_if_local
+from ._runtime import _NodeLink, _Runtime, _parse_node, _trust_options
 
 __all__ = ["JobCluster"]
 

@@ -26,7 +26,7 @@ import cloudpickle
 
 from clusterpy._midjob import snapshot
 from clusterpy.client import JobCluster as _JobCluster
-from clusterpy._runtime import _pickle_by_value_if_local
+from clusterpy._byvalue import pickle_by_value_if_local as _pickle_by_value_if_local
 from clusterpy.errors import ClusterError
 from clusterpy.job import JobStatus
 from clusterpy.shared import SharedJobCluster as _SharedJobCluster
