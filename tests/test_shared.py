@@ -214,3 +214,122 @@ def test_scheduler_cli_errors_are_one_line():
     bad = subprocess.run([sys.executable, "-m", "clusterpy.scheduler", "--pulse-interval", "-1"],
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--pulse-interval" in bad.stderr
+
+
+THREE_CLIENTS = textwrap.dedent("""
+    import json, sys
+    import clusterpy
+
+    name = sys.argv[2]
+    def tag(x):
+        import time
+        time.sleep(0.01)
+        return name, x * x
+
+    with clusterpy.SharedJobCluster(tag, sys.argv[1]) as cluster:
+        jobs = [cluster.submit(i) for i in range(30)]
+        print(json.dumps([job() for job in jobs]))
+""")
+
+
+def test_three_client_processes_get_their_own_results(start_node, start_scheduler, tmp_path):
+    import json
+
+    sched = start_scheduler([start_node(cpus=2), start_node(cpus=2)])
+    script = tmp_path / "client.py"
+    script.write_text(THREE_CLIENTS)
+    procs = {name: subprocess.Popen([sys.executable, str(script), sched.address, name], stdout=subprocess.PIPE,
+                                    text=True, cwd=tmp_path) for name in ("x", "y", "z")}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0
+        assert json.loads(out) == [[name, i * i] for i in range(30)]
+
+
+def test_twenty_jobs_finish_long_before_two_thousand_queued_ahead(start_node, start_scheduler):
+    sched = start_scheduler([start_node(cpus=2)])
+    order = []
+    lock = threading.Lock()
+
+    def note(who):
+        def callback(job):
+            with lock:
+                order.append(who)
+        return callback
+
+    def tiny(x):
+        import time
+
+        time.sleep(0.002)
+        return x
+
+    with SharedJobCluster(tiny, sched.address, callback=note("big")) as big:
+        big_jobs = [big.submit(i) for i in range(2000)]
+        wait_until(lambda: len(order) >= 5)
+        with SharedJobCluster(tiny, sched.address, callback=note("small")) as small:
+            small_jobs = [small.submit(i) for i in range(20)]
+            assert [j(60) for j in small_jobs] == list(range(20))
+        wait_until(lambda: order.count("small") == 20)
+        with lock:
+            last_small = max(i for i, who in enumerate(order) if who == "small")
+        # FIFO would finish the small client after all 2,000; round-robin interleaves it at once.
+        assert last_small < 400, last_small
+        for job in big_jobs:
+            big.cancel(job)
+
+
+def test_a_client_cannot_cancel_or_fetch_another_clients_jobs(start_node, start_scheduler):
+    import asyncio
+    import uuid as _uuid
+
+    from clusterpy.identity import local_info
+    from clusterpy.protocol import codec
+    from clusterpy.protocol import messages as m
+    from clusterpy.transport.stream import connect
+
+    from .conftest import SECRET
+
+    sched = start_scheduler([start_node(cpus=2)])
+    host, port = sched.address.split(":")
+
+    def sleeper(x):
+        import time
+
+        time.sleep(0.3)
+        return x
+
+    async def intruder():
+        conn = await connect(host, int(port), secret=SECRET.encode(), role="client", info=local_info(),
+                             expected_peer_roles=frozenset({"scheduler"}))
+        async with conn:
+            own = f"c{_uuid.uuid4().hex}"
+            conn.send(codec.encode(m.DeployComputation(own, "function", (), b"", None)))
+            # Guess job ids (they are small numbers) in its own computation and in guessed ones.
+            for job_id in range(1, 200):
+                conn.send(codec.encode(m.CancelJob(own, str(job_id), 1)))
+                conn.send(codec.encode(m.CancelJob(f"c{_uuid.uuid4().hex}", str(job_id), 1)))
+            conn.send(codec.encode(m.AttachComputation(f"c{_uuid.uuid4().hex}")))
+            await conn.drain()
+            seen = []
+            while True:
+                msg = codec.decode(await asyncio.wait_for(conn.recv(), 10))
+                seen.append(msg)
+                if isinstance(msg, m.ComputationFailed) and msg.comp_id != own:
+                    return seen
+
+    with SharedJobCluster(sleeper, sched.address) as victim:
+        jobs = [victim.submit(i) for i in range(8)]
+        seen = asyncio.run(intruder())
+        assert [j(30) for j in jobs] == list(range(8))  # nothing of the victim's was cancelled
+        assert all(j.status is JobStatus.Finished for j in jobs)
+    assert not [msg for msg in seen if isinstance(msg, (m.JobDone, m.JobsStarted))]  # nor did it get any result
+
+
+def test_two_programs_share_one_scheduler_example(start_node, start_scheduler):
+    from .conftest import REPO
+
+    sched = start_scheduler([start_node(cpus=2)])
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "shared_pair.py"), sched.address],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("exit 0, 20 jobs") == 2
