@@ -30,6 +30,7 @@ import sys
 import time
 
 from .discovery import DEFAULT_RELAY_PORT, DEFAULT_WINDOW, DiscoveryKey, RelayCore
+from .config import OptionParser, log_level, non_negative_int, positive_float, positive_int, setup_logging
 from .errors import ClusterError, ConfigurationError
 from .identity import DEFAULT_NODE_PORT
 from .secret import load_secret
@@ -120,28 +121,28 @@ class NetRelay:
         await self._closed.wait()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="clusterpy-netrelay",
-        description="Relay authenticated clusterpy discovery requests from clients on other networks "
+def build_parser() -> OptionParser:
+    """The clusterpy-netrelay command line; every option also from CLUSTERPY_<NAME> or --config ([netrelay])."""
+    opts = OptionParser(
+        "clusterpy-netrelay", "netrelay",
+        "Relay authenticated clusterpy discovery requests from clients on other networks "
         "into this host's networks (nodes then answer the clients directly).",
-        epilog="The secret comes from --secret-file, CLUSTERPY_SECRET, CLUSTERPY_SECRET_FILE, or the "
-        "per-user file ~/.config/clusterpy/secret, in that order: the nodes' secret.",
+        epilog="The secret comes from --secret-file, CLUSTERPY_SECRET, CLUSTERPY_SECRET_FILE, or the\n"
+               "per-user file ~/.config/clusterpy/secret, in that order: the nodes' secret.",
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to receive clients' requests on (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=DEFAULT_RELAY_PORT, help=f"UDP port (default {DEFAULT_RELAY_PORT})")
-    p.add_argument("--node-port", type=int, default=DEFAULT_NODE_PORT,
-                   help=f"the nodes' UDP discovery port (default {DEFAULT_NODE_PORT})")
-    p.add_argument("--networks", default=None, metavar="LIST",
-                   help=f"comma-separated interfaces (names, addresses, CIDR) to relay into (default "
-                   f"${ENV_INTERFACES}, else every non-loopback interface)")
-    p.add_argument("--secret-file", default=None, help="file holding the cluster secret")
-    p.add_argument("--cluster-name", default="", help="the cluster name used by clients and nodes, if any")
-    p.add_argument("--rate", type=float, default=20.0, help="requests relayed per second at most (default 20)")
-    p.add_argument("--burst", type=int, default=40, help="requests relayed in a burst at most (default 40)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="logging level (default INFO)")
-    return p
+    opts.add("--host", default="0.0.0.0", env="CLUSTERPY_RELAY_HOST", help="address to receive clients' requests on")
+    opts.add("--port", type=non_negative_int, default=DEFAULT_RELAY_PORT, env="CLUSTERPY_RELAY_PORT", help="UDP port")
+    opts.add("--node-port", type=non_negative_int, default=DEFAULT_NODE_PORT, help="the nodes' UDP discovery port")
+    opts.add("--networks", metavar="LIST",
+             help=f"comma-separated interfaces (names, addresses, CIDR) to relay into "
+                  f"(default ${ENV_INTERFACES}, else every non-loopback interface)")
+    opts.add("--secret-file", metavar="FILE", env=False, help="file holding the cluster secret")
+    opts.add("--cluster-name", default="", help="the cluster name used by clients and nodes, if any")
+    opts.add("--rate", type=positive_float, default=20.0, help="requests relayed per second at most")
+    opts.add("--burst", type=positive_int, default=40, help="requests relayed in a burst at most")
+    opts.add("--log-level", type=log_level, default="INFO", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    opts.add("--log-file", metavar="FILE", help="append log messages to this file instead of stderr")
+    return opts
 
 
 async def _serve(args: argparse.Namespace, secret: bytes) -> None:
@@ -157,10 +158,18 @@ async def _serve(args: argparse.Namespace, secret: bytes) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """The clusterpy-netrelay console script: 0 after a clean stop, 1 if it could not run, 2 for a
+    bad command line."""
+    opts = build_parser()
+    args = opts.parse(argv)
+    try:
+        setup_logging(args.log_level, args.log_file)
+    except OSError as exc:
+        opts.error(f"--log-file {args.log_file}: {exc.strerror or exc}")
     try:
         asyncio.run(_serve(args, load_secret(secret_file=args.secret_file)))
+    except ConfigurationError as exc:
+        opts.error(str(exc))
     except ClusterError as exc:
         print(f"clusterpy-netrelay: {exc}", file=sys.stderr)
         return 1

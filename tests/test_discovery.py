@@ -339,7 +339,7 @@ def test_netrelay_cli():
     # Relaying into no network is a configuration error, reported without a traceback.
     bad = subprocess.run([sys.executable, "-m", "clusterpy.netrelay", "--networks", "none", "--port", "0"],
                          capture_output=True, text=True, timeout=30)
-    assert bad.returncode == 1 and "no network" in bad.stderr and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "no network" in bad.stderr and "Traceback" not in bad.stderr  # a usage error, as for every daemon
 
 
 def test_discovery_core_does_no_io():
