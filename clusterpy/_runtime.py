@@ -36,23 +36,21 @@ from .errors import (
     AuthenticationError,
     ClusterError,
     ConfigurationError,
-    ConnectionClosedError,
     JobCancelledError,
     ProtocolError,
     VersionMismatchError,
 )
-from .identity import local_info
 from .dataflow import Dependents
 from .journal import JournalWriter
 from .monitor import JobHistory, job_ended
 from .job import ClusterJob, JobStatus, apply_report
 from ._midjob import MidJob
 from .progress import DROPPED
+from .nodelink import DeploymentRefused, NodeLink, sources_from_entries
 from .protocol import codec
 from .stats import StatsRecorder
 from .protocol import messages as m
 from .scatter import ScatterState
-from .transport.stream import Connection, connect
 
 __all__: list[str] = []  # private: the public API is clusterpy.client.JobCluster
 
@@ -93,162 +91,37 @@ def _parse_node(spec: str, default_port: int) -> tuple[str, int]:
     return spec, default_port
 
 
-class _NodeLink:
-    """The connection to one node: handshake, deployment of the computation, then messages."""
+class _NodeLink(NodeLink):
+    """A client's link to one node: :class:`~clusterpy.nodelink.NodeLink` (connect, reconnect,
+    deploy, read) plus the client's bookkeeping: batched submissions, counters, this node's
+    own deployment. Its owner is the :class:`_Runtime`, which deploys the computation on each
+    new connection before the node may take jobs."""
 
     def __init__(self, runtime: "_Runtime", host: str, port: int) -> None:
+        super().__init__(runtime, host, port, secret=runtime.secret, role="client",
+                         expected_roles=runtime.cluster._peer_roles, ssl=runtime.tls_for(host, port),
+                         connect_timeout=runtime.connect_timeout, reconnect_delay=runtime.reconnect_delay)
         self.runtime = runtime
-        self.host = host
-        self.port = port
-        self.conn: Connection | None = None
-        self.node_id: str | None = None
-        self.hostname = host
-        self.ip_addr = host
-        self.cpus = 0
-        self.joined = False
+        self.joined = False  # the computation is deployed on it: it takes jobs
         self.jobs_done = 0
         self.cpu_time = 0.0
         self.score = 1.0  # the node's benchmark score (clusterpy.benchmark), from its handshake
         self.pending_submit: list[m.JobRequest] = []
-        self.error: BaseException | None = None
-        self.last_heard = 0.0
-        self.lost_reason: str | None = None
-        self.stopped = False  # stop(): the cluster no longer uses this node
         # This node's own computation and files (JobCluster._accept_node may set them; dispy's
         # NodeAllocate gives nodes their own setup_args and depends); None: the cluster's.
         self.deployment: tuple[m.DeployComputation, deps_mod.Dependencies] | None = None
 
-    @property
-    def name(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    async def run(self) -> None:
-        """Connect, deploy, serve; after a loss, reconnect (the node may come back, or be
-        restarted as a new incarnation) until the cluster closes or the node refuses us."""
-        rt = self.runtime
-        while not rt.closing and not self.stopped:
-            conn = await self._connect()
-            if conn is None:
-                return
-            self.conn = conn
-            self.node_id = conn.peer_info.get("node_id", self.name)
-            self.hostname = conn.peer_info.get("hostname", self.host)
-            peer = conn.peername
-            self.ip_addr = peer[0] if peer else self.host
-            self.cpus = max(1, int(conn.peer_info.get("cpus", "1")))
-            self.score = _score(conn.peer_info.get("score"))
-            if not rt.cluster._accept_node(self):  # the cluster does not use this node (NodeAllocate)
-                await conn.aclose()
-                rt.drop_link(self)
-                return
-            try:
-                await self._deploy(conn)
-            except ClusterError as exc:
-                await conn.aclose()
-                if isinstance(exc, (ConnectionClosedError, ProtocolError)):
-                    await asyncio.sleep(rt.reconnect_delay)
-                    continue
-                self.error = exc  # the node refused the computation: retrying cannot help
-                log.error("node %s: %s", self.name, exc)
-                rt.link_failed(self, exc)
-                return
-            except OSError:
-                await conn.aclose()
-                await asyncio.sleep(rt.reconnect_delay)
-                continue
-            self.joined = True
-            self.last_heard = time.monotonic()
-            rt.node_joined(self)
-            reason = "connection closed"
-            try:
-                while True:
-                    payload = await conn.recv()
-                    self.last_heard = time.monotonic()
-                    message = codec.decode(payload)
-                    try:
-                        rt.on_message(self, message)
-                    except Exception:  # a bug of ours must be loud, but must not stall the cluster
-                        log.exception("error handling %s from node %s", type(message).__name__, self.name)
-            except ConnectionClosedError:
-                reason = self.lost_reason or "connection closed by the node"
-            except (ProtocolError, OSError) as exc:
-                reason = str(exc) or type(exc).__name__
-            finally:
-                await conn.aclose()
-                rt.link_lost(self, reason)
-                self.lost_reason = None
-            await asyncio.sleep(rt.reconnect_delay)
-
-    async def _connect(self) -> Connection | None:
-        rt = self.runtime
-        delay = rt.reconnect_delay
-        while not rt.closing and not self.stopped:
-            try:
-                return await connect(
-                    self.host, self.port, secret=rt.secret, role="client", info=local_info(),
-                    expected_peer_roles=rt.cluster._peer_roles, handshake_timeout=rt.connect_timeout,
-                    ssl=rt.tls_for(self.host, self.port),
-                )
-            except _PERMANENT as exc:
-                self.error = exc
-                log.error("node %s refused us and will not be retried: %s", self.name, exc)
-                rt.link_failed(self, exc)
-                return None
-            except (ClusterError, OSError, asyncio.TimeoutError) as exc:
-                self.error = exc
-                log.debug("node %s not reachable yet: %s", self.name, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        return None
-
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: str = "link stopped") -> None:  # type: ignore[override]
         """Stop using this node: close the computation there (its jobs end on the node), drop
         the connection (the core moves or abandons the jobs it held), and never reconnect."""
-        self.stopped = True
         self.pending_submit.clear()  # not sent: the core moves or abandons them with the node
         self.send(m.CloseComputation(self.runtime.comp_id))
-        self.declare_lost(reason)
-
-    def declare_lost(self, reason: str) -> None:
-        """Drop the connection (the read loop then reports the node lost)."""
-        if self.conn is not None and not self.conn.closed:
-            self.lost_reason = reason
-            self.conn.close()
-
-    async def _deploy(self, conn: Connection) -> None:
-        rt = self.runtime
-        deploy, dependencies = self.deployment or (rt.deploy_message, rt.dependencies)
-        conn.send(codec.encode(deploy))
-        await conn.drain()
-        needed = codec.decode(await conn.recv())
-        if isinstance(needed, m.ComputationFailed):
-            raise ClusterError(f"node {self.name} refused the computation: {needed.reason}")
-        if not isinstance(needed, m.FilesNeeded):
-            raise ProtocolError(f"expected FilesNeeded, got {type(needed).__name__}")
-        by_hash = {f.sha256: f for f in dependencies.files}
-        for sha in needed.sha256s:
-            entry = by_hash.get(sha)
-            if entry is None:
-                raise ProtocolError(f"node asked for a file we did not offer ({sha[:12]})")
-            for chunk in deps_mod.iter_chunks(entry, rt.chunk_size):
-                conn.send(codec.encode(m.FileChunk(rt.comp_id, sha, chunk, False)))
-                await conn.drain()
-            conn.send(codec.encode(m.FileChunk(rt.comp_id, sha, b"", True)))
-            await conn.drain()
-        reply = codec.decode(await conn.recv())
-        if isinstance(reply, m.ComputationFailed):
-            raise ClusterError(f"node {self.name} refused the computation: {reply.reason}")
-        if not isinstance(reply, m.ComputationReady):
-            raise ProtocolError(f"expected ComputationReady, got {type(reply).__name__}")
+        super().stop(reason)
 
     def flush(self) -> None:
         if self.pending_submit and self.conn is not None and not self.conn.closed:
             self.conn.send(codec.encode(m.SubmitJobs(self.runtime.comp_id, tuple(self.pending_submit))))
         self.pending_submit.clear()
-
-    def send(self, message: object) -> None:
-        if self.conn is not None and not self.conn.closed:
-            self.conn.send(codec.encode(message))
 
 
 class _Runtime:
@@ -363,6 +236,49 @@ class _Runtime:
         if local is not None and host == "127.0.0.1" and port == local.port:
             return None
         return self.cluster._ssl
+
+    # ---------------------------------------------------------------- NodeLink owner
+
+    def link_up(self, link: NodeLink) -> None:
+        """Connected and authenticated: deploy the computation, then the node takes jobs."""
+        assert isinstance(link, _NodeLink)
+        link.score = _score(link.peer_info.get("score"))
+        if not self.cluster._accept_node(link):  # the cluster does not use this node (NodeAllocate)
+            link.stopped = True
+            link.declare_lost("not used by this cluster")
+            self.drop_link(link)
+            return
+        self.spawn(self._deploy_on(link))
+
+    async def _deploy_on(self, link: _NodeLink) -> None:
+        deploy, dependencies = link.deployment or (self.deploy_message, self.dependencies)
+        try:
+            await link.deploy(deploy, sources_from_entries(dependencies.files))
+        except DeploymentRefused as exc:
+            link.error = exc  # the node refused the computation: retrying cannot help
+            log.error("node %s: %s", link.name, exc)
+            link.stopped = True
+            link.declare_lost(str(exc))
+            self.link_failed(link, exc)
+            return
+        except ClusterError:
+            return  # the connection went down meanwhile: the link reconnects and deploys again
+        if link.up and not self.closing:
+            link.joined = True
+            self.node_joined(link)
+
+    def link_message(self, link: NodeLink, msg: object) -> None:
+        assert isinstance(link, _NodeLink)
+        if link.joined:
+            self.on_message(link, msg)
+
+    def link_down(self, link: NodeLink, reason: str) -> None:
+        assert isinstance(link, _NodeLink)
+        self.link_lost(link, reason)
+
+    def link_refused(self, link: NodeLink, exc: BaseException) -> None:
+        assert isinstance(link, _NodeLink)
+        self.link_failed(link, exc)
 
     def add_link(self, host: str, port: int) -> _NodeLink:
         link = _NodeLink(self, host, port)
@@ -623,6 +539,7 @@ class _Runtime:
         if self.monitor is not None:
             await self.monitor.aclose()
         for link in self.links:
+            link.stopped = True  # no reconnection from here on
             if link.conn is not None and not link.conn.closed:
                 link.flush()
                 link.send(m.CloseComputation(self.comp_id))

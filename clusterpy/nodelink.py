@@ -127,10 +127,10 @@ class NodeLink:
             self._lost_reason = reason
             self.conn.close()
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "link stopped") -> None:
         """No more reconnection; drop the connection."""
         self.stopped = True
-        self.declare_lost("link stopped")
+        self.declare_lost(reason)
 
     # ---------------------------------------------------------------- deployment
 
@@ -245,7 +245,10 @@ class NodeLink:
                 if isinstance(msg, m.Ping):
                     self.send(m.Pong(msg.sent))
                     continue
-                self.owner.link_message(self, msg)
+                try:
+                    self.owner.link_message(self, msg)
+                except Exception:  # a bug of ours must be loud, but must not stall the link
+                    log.exception("error handling %s from node %s", type(msg).__name__, self.name)
         except ConnectionClosedError:
             reason = self._lost_reason or "connection closed by the node"
         except (ProtocolError, OSError) as exc:
