@@ -278,7 +278,7 @@ def targets(results: Results, extra: dict[str, Any]) -> list[str]:
         r = advantage(metric["A.submit"], results, name)
         out.append(f"A one by one >= {goal:g}x {name}: {'-' if r is None else f'{r:.2f}x'} -> {verdict(None if r is None else r >= goal)}")
     amap, graw = median_of(results, "A.map", "clusterpy"), extra.get("G.raw.msgs")
-    out.append(f"A map >= 50% of raw loopback msgs/s: "
+    out.append("A map >= 50% of raw loopback msgs/s: "
                + ("clusterpy has no map -> MISSED (n/a)" if amap is None else f"{amap / graw:.0%} -> {verdict(amap >= graw / 2)}"
                   if graw else "not measured"))
     b, bp = median_of(results, "B.median", "clusterpy"), median_of(results, "B.median", "ppe")
@@ -290,8 +290,11 @@ def targets(results: Results, extra: dict[str, Any]) -> list[str]:
                f"{verdict(None if c is None or not gbw else c >= gbw / 2)}")
     d = median_of(results, "D.first", "clusterpy")
     out.append(f"D first result < 1.5 s: {'-' if d is None else f'{d:.2f} s'} -> {verdict(None if d is None else d < 1.5)}")
-    e = median_of(results, "E.over", "clusterpy")
-    out.append(f"E within 10% of ideal: {'-' if e is None else f'{e:+.1f}%'} -> {verdict(None if e is None else e <= 10)}")
+    e, ep = median_of(results, "E.over", "clusterpy"), median_of(results, "E.over", "ppe")
+    scaling = extra.get("scaling")
+    out.append(f"E within 10% of ideal: {'-' if e is None else f'{e:+.1f}%'} -> {verdict(None if e is None else e <= 10)}"
+               + ("" if ep is None else f" (ppe {ep:+.1f}%)")
+               + ("" if scaling is None else f"; bare processes on this machine: {(scaling - 1) * 100:+.0f}%"))
     f = extra.get("F")
     if f:
         sim = next((s for s in f["sims"] if s["nodes"] == 1000), None)

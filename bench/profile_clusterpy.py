@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Where clusterpy's time goes on workloads A (throughput) and B (latency).
+"""Where clusterpy's time goes on workloads A (throughput), B (latency) and C (1 MB payloads).
 
 Usage: ``python bench/profile_clusterpy.py [--jobs 5000] [--calls 200] [--out DIR]``
 
-Three views, written to DIR (default ``bench/profile-out``) and summarised on stdout:
+The views, written to DIR (default ``$TMPDIR/clusterpy-profile``) and summarised on stdout:
 
+0. CPU time per job of each process (client, node, each worker) and system calls per job
+   (``strace -c``, if installed), for A and C, with no profiler in the way.
 1. cProfile of the client: the user's thread (submit, wait) and the cluster's event-loop
    thread (entered through the loop, so every callback there is counted) as separate tables.
 2. cProfile of the node: ``clusterpy-node`` run under ``python -m cProfile``.
@@ -32,6 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -185,22 +188,48 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_per_job(address: str, node_pid: int, jobs: int) -> str:
-    """Run A unprofiled; report CPU microseconds per job spent by each process."""
+_PAYLOADS: list[bytes] = []
+
+
+def prepare_c(jobs: int) -> None:
+    """Make C's payloads before anything is measured (os.urandom costs ~2 ms per MB)."""
+    while len(_PAYLOADS) < jobs:
+        _PAYLOADS.append(os.urandom(1 << 20))
+
+
+def run_c(cluster, jobs: int) -> float:  # type: ignore[no-untyped-def]
+    prepare_c(jobs)
+    payloads = _PAYLOADS[:jobs]
+    start = time.perf_counter()
+    handles = [cluster.submit(p) for p in payloads]
+    assert [h() for h in handles] == payloads
+    return jobs / (time.perf_counter() - start)
+
+
+WORKLOADS = {  # name: (function, warm-up argument, runner)
+    "A": (benchjobs.inc, 0, run_a),
+    "C": (benchjobs.echo, b"x", run_c),
+}
+
+
+def cpu_per_job(address: str, node_pid: int, jobs: int, workload: str = "A") -> str:
+    """Run a workload unprofiled; report CPU microseconds per job spent by each process."""
     from clusterpy.client import JobCluster
 
-    cluster = JobCluster(benchjobs.inc, nodes=[address], secret=SECRET)
+    fn, warm, runner = WORKLOADS[workload]
+    cluster = JobCluster(fn, nodes=[address], secret=SECRET)
     try:
-        for i in range(200):
-            cluster.submit(i)()
+        for _ in range(50):
+            cluster.submit(warm)()
+        prepare_c(jobs if workload == "C" else 0)
         pids = {"client (user + loop threads)": os.getpid(), "node": node_pid}
         pids.update({f"worker {i}": pid for i, pid in enumerate(_children(node_pid))})
         before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
-        rate = run_a(cluster, jobs)
+        rate = runner(cluster, jobs)
         after = {name: _cpu_seconds(pid) for name, pid in pids.items()}
     finally:
         cluster.close()
-    lines = [f"## CPU time per job, A unprofiled ({rate:,.0f} jobs/s = {1e6 / rate:,.0f} us of wall time per job)\n",
+    lines = [f"## CPU time per job, {workload} unprofiled ({rate:,.0f} jobs/s = {1e6 / rate:,.0f} us of wall time per job)\n",
              "| process | CPU us per job |", "|---|---:|"]
     total = 0.0
     for name in pids:
@@ -211,36 +240,39 @@ def cpu_per_job(address: str, node_pid: int, jobs: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def syscalls_per_job(address: str, node_pid: int, jobs: int, out: str) -> str:
-    """Run A under ``strace -c`` (client, node, workers): system calls per job by name."""
+def syscalls_per_job(address: str, node_pid: int, jobs: int, out: str, workload: str = "A") -> str:
+    """Run a workload under ``strace -c`` (client, node, workers): system calls per job by name."""
     strace = shutil.which("strace")
     if strace is None:
         return "strace is not installed: no system call counts.\n"
     from clusterpy.client import JobCluster
 
-    cluster = JobCluster(benchjobs.inc, nodes=[address], secret=SECRET)
+    fn, warm, runner = WORKLOADS[workload]
+    cluster = JobCluster(fn, nodes=[address], secret=SECRET)
     tracers = []
     try:
-        for i in range(200):
-            cluster.submit(i)()
-        targets = {"client": [os.getpid()], "node": [node_pid], "workers": _children(node_pid)}
+        for _ in range(50):
+            cluster.submit(warm)()
+        prepare_c(jobs if workload == "C" else 0)
+        # The client's tracer last: with -f it would also trace the tracers started after it.
+        targets = {"node": [node_pid], "workers": _children(node_pid), "client": [os.getpid()]}
         for who, pids in targets.items():
-            args = [strace, "-c", "-f", "-o", os.path.join(out, f"strace-{who}.txt")]
+            args = [strace, "-c", "-f", "-o", os.path.join(out, f"strace-{workload}-{who}.txt")]
             for pid in pids:
                 args += ["-p", str(pid)]
             tracers.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1.0)  # strace attaches
-        run_a(cluster, jobs)
+        runner(cluster, jobs)
     finally:
         for tracer in tracers:
             tracer.send_signal(signal.SIGINT)
         for tracer in tracers:
             tracer.wait(30)
         cluster.close()
-    lines = ["## System calls per job, A under strace (top 8 per process group)\n",
+    lines = [f"## System calls per job, {workload} under strace (top 8 per process group)\n",
              "| who | calls per job | busiest calls (per job) |", "|---|---:|---|"]
     for who in ("client", "node", "workers"):
-        path = os.path.join(out, f"strace-{who}.txt")
+        path = os.path.join(out, f"strace-{workload}-{who}.txt")
         counts: dict[str, int] = {}
         try:
             with open(path) as f:
@@ -261,7 +293,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=5000)
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--out", default=os.path.join(HERE, "profile-out"))
+    ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "clusterpy-profile"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     os.environ["CLUSTERPY_SECRET"] = SECRET
@@ -272,6 +304,8 @@ def main() -> int:
     try:
         report.append(cpu_per_job(address, node.pid, args.jobs))
         report.append(syscalls_per_job(address, node.pid, args.jobs, args.out))
+        report.append(cpu_per_job(address, node.pid, 50, "C"))
+        report.append(syscalls_per_job(address, node.pid, 50, args.out, "C"))
     finally:
         _stop_process(node)
     print("\n".join(report), flush=True)

@@ -71,7 +71,10 @@ def run_a(session: Session, p: Params, cpu: Callable[[], float]) -> dict[str, fl
     elapsed = session.finished_at(time.perf_counter()) - start
     cpu_used = cpu() - cpu_start
     _check(results, [i + 1 for i in range(n)], session, "A")
-    out = {"A.submit": n / elapsed, "A.cpu": cpu_used / n * 1e6}
+    done = n - session.errors  # jobs lost by the framework do not count as work done
+    if done <= 0:
+        raise Stalled("A: no job ended")
+    out = {"A.submit": done / elapsed, "A.cpu": cpu_used / done * 1e6}
     try:
         start = time.perf_counter()
         results = session.map(range(n), p.chunksize)
@@ -122,7 +125,8 @@ def run_c(session: Session, p: Params, payloads: list[bytes]) -> dict[str, float
     results = session.gather(handles)
     elapsed = session.finished_at(time.perf_counter()) - start
     _check(results, payloads, session, "C")
-    out = {"C.mbps": 2 * sum(map(len, payloads)) / elapsed / 1e6}
+    done = len(payloads) - session.errors
+    out = {"C.mbps": 2 * done * p.c_bytes / elapsed / 1e6}
     if session.errors:
         out["C.errors"] = session.errors
     return out
