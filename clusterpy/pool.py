@@ -423,7 +423,8 @@ class WorkerPool:
         if self._state != "new":
             raise RuntimeError("a WorkerPool can be started only once")
         self._state = "open"
-        self._capture_dir = tempfile.mkdtemp(prefix="clusterpy-pool-")
+        _remove_stale_capture_dirs()
+        self._capture_dir = tempfile.mkdtemp(prefix=f"clusterpy-pool-{os.getpid()}-")
         began = time.monotonic()
         try:
             async with asyncio.TaskGroup() as group:
@@ -755,3 +756,26 @@ class WorkerPool:
             exc_message=message, traceback=None, stdout=stdout, stderr=stderr, start_time=start,
             end_time=time.time(), cpu_time=0.0, exit_code=returncode,
         )
+
+
+def _remove_stale_capture_dirs() -> None:
+    """Remove capture directories left by pools whose node process died without cleaning up
+    (SIGKILL): they are named after that process's pid and owned by us."""
+    tmp = tempfile.gettempdir()
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) != 4 or parts[:2] != ["clusterpy", "pool"] or not parts[2].isdigit():
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(parts[2]), 0)  # that node still runs: its directory is in use
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
