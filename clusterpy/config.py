@@ -35,13 +35,17 @@ can be told from one given with its default value, which precedence needs.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import re
 import sys
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Coroutine, Mapping, NoReturn, Sequence
+
+from .errors import ClusterError, ConfigurationError
+from .secret import load_secret
 
 __all__ = [
     "ENV_PREFIX",
@@ -52,6 +56,7 @@ __all__ = [
     "byte_size",
     "log_level",
     "setup_logging",
+    "run_daemon",
     "secret_file_from",
 ]
 
@@ -416,3 +421,29 @@ class OptionParser:
         if opt.choices is not None and value not in opt.choices:
             raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, opt.choices))}")
         return value
+
+
+def run_daemon(opts: "OptionParser", argv: Sequence[str] | None,
+               serve: Callable[[argparse.Namespace, bytes], Coroutine[Any, Any, None]]) -> int:
+    """The body of every daemon's console script: parse, set up logging, load the secret, serve.
+
+    Returns 0 after a clean stop and 1 if the daemon could not run (a line on stderr); a bad
+    command line or configuration exits with status 2 and the usage (never a traceback).
+    """
+    args = opts.parse(argv)
+    try:
+        setup_logging(args.log_level, args.log_file)
+    except OSError as exc:
+        opts.error(f"--log-file {args.log_file}: {exc.strerror or exc}")
+    try:
+        secret = load_secret(secret_file=secret_file_from(args))
+        asyncio.run(serve(args, secret))
+    except ConfigurationError as exc:
+        opts.error(str(exc))
+    except ClusterError as exc:
+        print(f"{opts.prog}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{opts.prog}: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -30,10 +30,9 @@ import sys
 import time
 
 from .discovery import DEFAULT_RELAY_PORT, DEFAULT_WINDOW, DiscoveryKey, RelayCore
-from .config import OptionParser, log_level, non_negative_int, positive_float, positive_int, setup_logging
-from .errors import ClusterError, ConfigurationError
+from .config import OptionParser, log_level, non_negative_int, positive_float, positive_int, run_daemon
+from .errors import ConfigurationError
 from .identity import DEFAULT_NODE_PORT
-from .secret import load_secret
 from .transport.udp import ENV_INTERFACES, Interface, interfaces_spec, ipv4_interfaces, open_udp_socket, select_interfaces
 
 __all__ = ["NetRelay", "main"]
@@ -160,23 +159,7 @@ async def _serve(args: argparse.Namespace, secret: bytes) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The clusterpy-netrelay console script: 0 after a clean stop, 1 if it could not run, 2 for a
     bad command line."""
-    opts = build_parser()
-    args = opts.parse(argv)
-    try:
-        setup_logging(args.log_level, args.log_file)
-    except OSError as exc:
-        opts.error(f"--log-file {args.log_file}: {exc.strerror or exc}")
-    try:
-        asyncio.run(_serve(args, load_secret(secret_file=args.secret_file)))
-    except ConfigurationError as exc:
-        opts.error(str(exc))
-    except ClusterError as exc:
-        print(f"clusterpy-netrelay: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"clusterpy-netrelay: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_daemon(build_parser(), argv, _serve)
 
 
 if __name__ == "__main__":

@@ -41,9 +41,8 @@ from .progress import DEFAULT_MAX_SEND_FILE
 from .protocol import messages as m
 from .protocol.framing import DEFAULT_MAX_FRAME
 from .config import OptionParser, byte_size, log_level, non_negative_int, positive_float, positive_int
-from .config import secret_file_from, setup_logging
+from .config import run_daemon
 from .errors import ConfigurationError
-from .secret import load_secret
 from . import tls
 from .core.admission import Admission
 from .transport.stream import accept
@@ -591,24 +590,7 @@ async def _serve(args: argparse.Namespace, secret: bytes) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The clusterpy-node console script: exit status 0 after a clean stop, 1 if the node could
     not run, 2 for a bad command line (one line and the usage)."""
-    opts = build_parser()
-    args = opts.parse(argv)
-    try:
-        setup_logging(args.log_level, args.log_file)
-    except OSError as exc:
-        opts.error(f"--log-file {args.log_file}: {exc.strerror or exc}")
-    try:
-        secret = load_secret(secret_file=secret_file_from(args))
-        asyncio.run(_serve(args, secret))
-    except ConfigurationError as exc:
-        opts.error(str(exc))
-    except ClusterError as exc:
-        print(f"clusterpy-node: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"clusterpy-node: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_daemon(build_parser(), argv, _serve)
 
 
 if __name__ == "__main__":

@@ -45,16 +45,15 @@ from .core.scheduler import (
     ResolveJob,
     SchedulerCore,
 )
-from .config import OptionParser, log_level, non_negative_int, positive_float, setup_logging
+from .config import OptionParser, log_level, non_negative_int, positive_float, run_daemon
 from .discovery import DEFAULT_RELAY_PORT, plan_nodes
-from .errors import ClusterError, ConfigurationError, ConnectionClosedError, DependencyError, ProtocolError
+from .errors import ClusterError, ConnectionClosedError, DependencyError, ProtocolError
 from .filestore import FileStore, validate_name
 from .identity import DEFAULT_NODE_PORT, DEFAULT_SCHEDULER_PORT, local_info
 from .monitor import JobHistory, SchedulerSource, parse_monitor, report_ended, require_aiohttp, resolved_ended, start_monitor
 from .nodelink import DeploymentRefused, NodeLink, sources_from_store
 from .protocol import codec
 from .protocol import messages as m
-from .secret import load_secret
 from .transport.stream import Connection, accept
 
 __all__ = ["SchedulerServer", "main"]
@@ -667,24 +666,7 @@ async def _serve(args: argparse.Namespace, secret: bytes) -> None:
 def main(argv: list[str] | None = None) -> int:
     """The clusterpy-scheduler console script: 0 after a clean stop, 1 if it could not run,
     2 for a bad command line."""
-    opts = build_parser()
-    args = opts.parse(argv)
-    try:
-        setup_logging(args.log_level, args.log_file)
-    except OSError as exc:
-        opts.error(f"--log-file {args.log_file}: {exc.strerror or exc}")
-    try:
-        secret = load_secret(secret_file=args.secret_file)
-        asyncio.run(_serve(args, secret))
-    except ConfigurationError as exc:
-        opts.error(str(exc))
-    except ClusterError as exc:
-        print(f"clusterpy-scheduler: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"clusterpy-scheduler: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_daemon(build_parser(), argv, _serve)
 
 
 if __name__ == "__main__":
