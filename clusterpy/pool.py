@@ -182,6 +182,7 @@ class _Worker:
         self.loaded: dict[str, ComputationSpec] = {}
         self.job_id: str | None = None
         self.terminating = False
+        self.killed = False
         # While a job runs: where its mid-job messages go, and the bytes of each file so far.
         self.on_message: Any = None
         self.file_bytes: dict[str, int] = {}
@@ -214,6 +215,9 @@ class _Worker:
         """SIGKILL the worker's whole process group (it and every process its jobs started)."""
         if self.exited.done() or not self.pid:
             return
+        # Its exit may be seen only later (a reply already in the pipe still arrives): until
+        # then it must not be handed another job.
+        self.killed = True
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -697,6 +701,7 @@ class WorkerPool:
             log.error("worker pool task failed", exc_info=task.exception())
 
     async def _acquire(self, comp_id: str) -> _Worker:
+        self._idle = [w for w in self._idle if not w.killed]  # killed while idle, exit not seen yet
         if self._idle:
             # Prefer a worker that has already run this computation's setup.
             worker = next((w for w in self._idle if comp_id in w.loaded), self._idle[0])
@@ -713,8 +718,8 @@ class WorkerPool:
 
     def _release(self, worker: _Worker) -> None:
         """Make ``worker`` available: to the first waiter, or the idle list."""
-        if worker.exited.done() or self._state != "open":
-            return  # dead workers are replaced by _worker_exited; aclose() stops the rest
+        if worker.exited.done() or worker.killed or self._state != "open":
+            return  # dead (or dying) workers are replaced by _worker_exited; aclose() stops the rest
         stale = [cid for cid, spec in worker.loaded.items() if self._specs.get(cid) is not spec]
         if stale:
             self._start_task(self._unload(worker, stale))

@@ -436,6 +436,44 @@ async def test_terminate_long_job(pool, tmp_path):
     assert isinstance(result(await pool.run(job(0))), int)
 
 
+def fork_a_channel_holder(pid_file):
+    # A grandchild in its own session keeps every fd of the worker, its channel too: the
+    # worker's exit is then seen only after the pool's flush delay.
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        time.sleep(5)
+        os._exit(0)
+    with open(pid_file, "a") as f:
+        f.write(f"{pid}\n")
+    time.sleep(0.1)
+    return pid
+
+
+async def test_terminate_racing_a_finished_job_never_hands_on_the_killed_worker(tmp_path):
+    # The job's reply is already in the pipe when terminate() kills its worker, and the
+    # worker's exit is not seen yet: whatever the first job's outcome, the killed worker must
+    # not be handed the next job (it would end "terminated" though nobody cancelled it).
+    pid_file = tmp_path / "holder.pid"
+    async with WorkerPool(1) as pool:
+        pool.add_computation(function_spec(tmp_path, fork_a_channel_holder))
+        first = job(str(pid_file))
+        try:
+            task = asyncio.create_task(pool.run(first))
+            await eventually(lambda: pool.busy == 1)
+            time.sleep(0.5)  # block the loop: the worker finishes and writes its reply meanwhile
+            assert await pool.terminate(first.job_id) is True  # nothing awaited: the reply is unread
+            assert (await task).status in ("finished", "terminated")
+            second = await pool.run(job(str(pid_file)))
+            assert second.status == "finished", (second.status, second.exc_message)
+        finally:
+            for line in pid_file.read_text().split() if pid_file.exists() else []:
+                try:
+                    os.kill(int(line), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
 async def test_cancelling_run_kills_and_replaces_the_worker(pool, tmp_path):
     pool.add_computation(function_spec(tmp_path, sleep_and_pid))
     before = set(pool.pids)
