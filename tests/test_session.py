@@ -1,9 +1,9 @@
 """Per-frame authentication driven directly: no sockets, no event loop."""
 
-import hmac
 import struct
 
 import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from clusterpy.errors import AuthenticationError
 from clusterpy.protocol.session import OVERHEAD, SessionCipher
@@ -37,8 +37,20 @@ def test_body_layout_matches_the_spec():
     left.seal(b"first")
     body = left.seal(b"payload")
     seq = struct.pack(">Q", 1)
-    assert body == seq + b"payload" + hmac.digest(K1, seq + b"payload", "sha256")
+    # GMAC computed independently, with the streaming GCM interface: nonce = 4 zero bytes + seq.
+    encryptor = Cipher(algorithms.AES(K1), modes.GCM(bytes(4) + seq)).encryptor()
+    encryptor.authenticate_additional_data(b"payload")
+    encryptor.finalize()
+    assert body == seq + b"payload" + encryptor.tag
     assert len(body) == len(b"payload") + OVERHEAD
+
+
+def test_the_tag_binds_the_sequence_number():
+    left, right = pair()
+    body = bytearray(left.seal(b"first"))
+    body[7] = 1  # claim seq 1: the header is not MACed as data, but it is the nonce
+    with pytest.raises(AuthenticationError, match="MAC"):
+        right.open(bytes(body))
 
 
 def test_seal_parts_does_not_copy_the_payload():

@@ -59,7 +59,7 @@ __all__ = ["PROTOCOL", "ALGORITHM", "NONCE_SIZE", "HandshakeStateError", "Client
            "ServerHandshake"]
 
 PROTOCOL = "clusterpy/1"
-ALGORITHM = "hmac-sha256"
+ALGORITHM = "hmac-sha256+aes256-gmac"
 NONCE_SIZE = 32
 _MAC_SIZE = 32
 _MAX_INFO_ENTRIES = 32
