@@ -52,6 +52,10 @@ _log = logging.getLogger("clusterpy.transport")
 
 #: Bytes asked of the StreamReader per read once authenticated.
 READ_SIZE = 256 * 1024
+# Frames queued by send() go out together at the end of the loop turn (one system call for
+# the results of a whole batch of jobs), or at once past this many bytes: big frames gain
+# nothing from waiting.
+_CORK_BYTES = 64 * 1024
 # How long closing may wait for the peer to take our last bytes (e.g. a refusal).
 _CLOSE_TIMEOUT = 2.0
 _Handshake = ClientHandshake | ServerHandshake
@@ -111,6 +115,9 @@ class Connection:
         self._closed = False  # closed by us
         self._error: ClusterError | None = None  # what broke it, if something did
         self._receiving = False
+        self._loop = asyncio.get_running_loop()
+        self._corked: list[bytes | bytearray | memoryview] = []
+        self._corked_bytes = 0
         #: The peer's authenticated role label.
         self.peer_role = peer_role
         #: The peer's authenticated info (versions etc.).
@@ -159,6 +166,10 @@ class Connection:
     def send(self, payload: bytes | bytearray | memoryview) -> None:
         """Seal and queue ``payload`` (no await; call :meth:`drain` for back-pressure).
 
+        Frames queued in one turn of the event loop are written together at its end (or at
+        once when they add up to 64 KiB, or on drain()/close()); ``payload`` must not be
+        mutated until then.
+
         Raises:
             ConnectionClosedError: the connection is closed or broken.
             ValueError: the sealed payload would exceed the frame cap.
@@ -172,7 +183,21 @@ class Connection:
                 f"payload of {len(payload)} bytes exceeds the frame cap of "
                 f"{self._decoder.max_frame} bytes"
             )
-        self._writer.writelines([frame_header(size), *self._cipher.seal_parts(payload)])
+        if not self._corked:
+            self._loop.call_soon(self._flush)
+        self._corked.append(frame_header(size))
+        self._corked.extend(self._cipher.seal_parts(payload))
+        self._corked_bytes += size
+        if self._corked_bytes >= _CORK_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand the queued frames to the transport in one write."""
+        if not self._corked:
+            return
+        parts, self._corked, self._corked_bytes = self._corked, [], 0
+        if self._error is None and not self._writer.transport.is_closing():
+            self._writer.writelines(parts)
 
     async def drain(self) -> None:
         """Wait until the write buffer is below its high-water mark.
@@ -181,6 +206,7 @@ class Connection:
             ConnectionClosedError: the connection is closed, broken or reset.
         """
         self._check_open()
+        self._flush()
         try:
             await self._writer.drain()
         except OSError as exc:  # ConnectionResetError, BrokenPipeError, ssl.SSLError...
@@ -230,6 +256,7 @@ class Connection:
     def close(self) -> None:
         """Start closing (queued bytes are still flushed). Idempotent."""
         if not self._closed:
+            self._flush()
             self._closed = True
             self._writer.close()
 
