@@ -13,6 +13,7 @@ import clusterpy.protocol
 from clusterpy.errors import FrameTooLargeError, ProtocolError
 from clusterpy.protocol.framing import (
     DEFAULT_MAX_FRAME,
+    DIRECT_BODY,
     PREAUTH_MAX_FRAME,
     FrameDecoder,
     encode_frame,
@@ -63,6 +64,59 @@ def test_round_trip_in_any_chunking(bodies, cuts):
     assert out == bodies
     assert decoder.buffered == 0
     assert decoder.needed == 4
+
+
+def _read_through_buffers(decoder: FrameDecoder, stream: bytes, reads: list[int]) -> list:
+    """Drive the decoder as a BufferedProtocol would: read at most ``reads[i]`` bytes into
+    each buffer it offers (a socket's recv_into)."""
+    out, pos, i = [], 0, 0
+    while pos < len(stream):
+        buf = decoder.get_buffer()
+        n = min(len(buf), len(stream) - pos, max(1, reads[i % len(reads)] if reads else len(buf)))
+        buf[:n] = stream[pos : pos + n]
+        del buf  # a real transport drops its view before the bodies are used
+        pos += n
+        i += 1
+        out.extend(decoder.buffer_updated(n))
+    return out
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from([0, 1, 7, 300, DIRECT_BODY - 1, DIRECT_BODY, 3 * DIRECT_BODY + 5]), max_size=8),
+    reads=st.lists(st.integers(min_value=1, max_value=600_000), max_size=10),
+)
+def test_buffer_interface_round_trips_any_read_sizes(sizes, reads):
+    bodies = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    stream = b"".join(encode_frame(b) for b in bodies)
+    decoder = FrameDecoder(4 * DIRECT_BODY)
+    assert _read_through_buffers(decoder, stream, reads) == bodies
+    assert decoder.buffered == 0 and decoder.needed == 4
+
+
+def test_large_body_is_received_in_place_into_its_own_buffer():
+    body = bytes(range(256)) * (DIRECT_BODY // 128)  # 2 x DIRECT_BODY
+    decoder = FrameDecoder()
+    first = decoder.get_buffer()
+    first[:4 + 1000] = encode_frame(body)[: 4 + 1000]
+    del first
+    assert decoder.buffer_updated(4 + 1000) == []
+    rest = decoder.get_buffer()
+    assert len(rest) == len(body) - 1000  # exactly the rest of the body: nothing past the frame
+    rest[:] = body[1000:]
+    del rest
+    (out,) = decoder.buffer_updated(len(body) - 1000)
+    assert isinstance(out, bytearray) and out == body
+    assert decoder.needed == 4
+
+
+def test_large_body_fed_in_chunks_is_assembled_without_growing():
+    body = b"x" * (DIRECT_BODY * 2)
+    stream = encode_frame(body)
+    decoder = FrameDecoder()
+    assert decoder.feed(stream[:100]) == []
+    assert decoder.buffered == 96
+    assert decoder.feed(stream[100:]) == [body]
 
 
 def test_many_small_frames_in_one_feed():

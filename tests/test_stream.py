@@ -283,7 +283,7 @@ async def test_closed_connection_refuses_use():
 async def test_tampered_frame_after_handshake_breaks_the_connection():
     async def handler(conn: Connection) -> None:
         # Inject a forged frame the session MAC must reject.
-        conn._writer.write(encode_frame(b"\x00" * 8 + b"forged" + b"\x00" * 32))
+        conn._transport.write(encode_frame(b"\x00" * 8 + b"forged" + b"\x00" * 32))
         await conn.drain()
         await asyncio.sleep(1)
 
@@ -298,7 +298,7 @@ async def test_tampered_frame_after_handshake_breaks_the_connection():
 
 async def test_post_auth_frame_cap_applies():
     async def handler(conn: Connection) -> None:
-        conn._writer.write(struct.pack(">I", 10_000))
+        conn._transport.write(struct.pack(">I", 10_000))
         await conn.drain()
         await asyncio.sleep(1)
 

@@ -19,6 +19,38 @@ from .messages import MESSAGE_TYPES
 __all__ = ["encode", "decode"]
 
 _MODULE = "clusterpy.protocol.messages"
+_IN_PLACE = 64 * 1024
+
+
+class _ViewReader:
+    """The file interface the unpickler uses, over a buffer it does not copy: large bytes
+    objects inside the pickle are filled straight from it with ``readinto``."""
+
+    __slots__ = ("_view", "_pos")
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        start = self._pos
+        end = len(self._view) if n is None or n < 0 else min(start + n, len(self._view))
+        self._pos = end
+        return self._view[start:end].tobytes()
+
+    def readinto(self, buffer: Any) -> int:
+        with memoryview(buffer) as target:
+            n = min(target.nbytes, len(self._view) - self._pos)
+            target.cast("B")[:n] = self._view[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def readline(self) -> bytes:
+        start = self._pos
+        rest = self._view[start:]
+        end = bytes(rest).find(b"\n") if len(rest) < 4096 else rest.tobytes().find(b"\n")
+        self._pos = len(self._view) if end < 0 else start + end + 1
+        return self._view[start : self._pos].tobytes()
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -33,14 +65,16 @@ def encode(message: object) -> bytes:
     return pickle.dumps(message, protocol=5)
 
 
-def decode(payload: bytes | memoryview) -> Any:
+def decode(payload: bytes | bytearray | memoryview) -> Any:
     """Rebuild one message from an authenticated payload.
 
     Raises:
         ProtocolError: the payload is not a well-formed clusterpy message.
     """
+    # BytesIO copies anything but bytes; a large bytearray or view is read in place instead.
+    source = io.BytesIO(payload) if type(payload) is bytes or len(payload) < _IN_PLACE else _ViewReader(payload)
     try:
-        message = _RestrictedUnpickler(io.BytesIO(payload)).load()
+        message = _RestrictedUnpickler(source).load()
     except ProtocolError:
         raise
     except Exception as exc:  # any malformed pickle is the peer's fault, never ours

@@ -26,6 +26,8 @@ __all__ = [
     "MAX_LENGTH",
     "PREAUTH_MAX_FRAME",
     "DEFAULT_MAX_FRAME",
+    "DIRECT_BODY",
+    "SCRATCH_SIZE",
     "encode_frame",
     "frame_header",
     "FrameDecoder",
@@ -41,6 +43,10 @@ MAX_LENGTH = 2**32 - 1
 PREAUTH_MAX_FRAME = 4096
 #: Cap on frames after authentication, unless the caller chooses another.
 DEFAULT_MAX_FRAME = 256 * 1024 * 1024
+#: Bodies at least this long are received in place, into a buffer of their exact size.
+DIRECT_BODY = 64 * 1024
+#: Size of the scratch buffer :meth:`FrameDecoder.get_buffer` offers otherwise.
+SCRATCH_SIZE = 256 * 1024
 
 
 def frame_header(length: int) -> bytes:
@@ -80,9 +86,16 @@ class FrameDecoder:
       * :attr:`max_frame` may be changed between calls (raised after authentication); the
         new cap applies to headers read from then on.
 
-    Performance: whole frames inside a chunk are sliced straight from it (one copy each);
-    only a trailing partial frame is kept, in a ``bytearray`` that grows by amortised
-    appends, so a 1 MiB frame arriving in 64 KiB pieces costs linear time.
+    Two ways to drive it: :meth:`feed` takes chunks the caller read; :meth:`get_buffer` and
+    :meth:`buffer_updated` (the shape of :class:`asyncio.BufferedProtocol`) let the caller
+    read straight into the decoder's memory.
+
+    Performance: whole frames inside a chunk are sliced straight from it (one copy each).
+    A body of at least :data:`DIRECT_BODY` bytes that continues past the chunk gets a
+    ``bytearray`` of its exact size at once; :meth:`get_buffer` then hands out the rest of
+    that bytearray, so the socket writes the body in place and it is returned without any
+    further copy (as that ``bytearray``). Smaller partial frames grow a buffer by amortised
+    appends.
     """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
@@ -97,6 +110,11 @@ class FrameDecoder:
         # Body length of the frame being read, or None while its header is incomplete.
         self._want: int | None = None
         self._error: FrameTooLargeError | None = None
+        # A large body received in place, and how much of it has arrived.
+        self._body: bytearray | None = None
+        self._filled = 0
+        self._scratch: memoryview | None = None
+        self._into_body = False
 
     @staticmethod
     def _check_cap(value: int) -> int:
@@ -121,7 +139,7 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes of an unfinished frame held by the decoder (header or body)."""
-        return len(self._buf)
+        return self._filled if self._body is not None else len(self._buf)
 
     @property
     def needed(self) -> int:
@@ -134,9 +152,46 @@ class FrameDecoder:
         """
         if self._want is None:
             return HEADER_SIZE - len(self._buf)
-        return self._want - len(self._buf)
+        return self._want - self.buffered
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+    def get_buffer(self) -> memoryview:
+        """Return the memory the next bytes of the stream should be read into.
+
+        The rest of a large body being received in place, else a scratch buffer of
+        :data:`SCRATCH_SIZE` bytes.  Pass the count actually read to :meth:`buffer_updated`
+        before asking again.
+
+        Raises:
+            FrameTooLargeError: the decoder failed earlier.
+        """
+        if self._error is not None:
+            raise self._error
+        if self._body is not None:
+            self._into_body = True
+            return memoryview(self._body)[self._filled :]
+        self._into_body = False
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(SCRATCH_SIZE))
+        return self._scratch
+
+    def buffer_updated(self, nbytes: int) -> list[bytes | bytearray]:
+        """``nbytes`` were read into the last :meth:`get_buffer`; return the bodies completed.
+
+        Raises:
+            FrameTooLargeError: as :meth:`feed`.
+        """
+        if not self._into_body:
+            assert self._scratch is not None, "get_buffer() first"
+            return self.feed(self._scratch[:nbytes])
+        self._into_body = False
+        assert self._body is not None
+        self._filled += nbytes
+        if self._filled < len(self._body):
+            return []
+        body, self._body, self._filled, self._want = self._body, None, 0, None
+        return [body]
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | bytearray]:
         """Consume ``data`` and return the frame bodies it completes.
 
         Raises:
@@ -145,7 +200,7 @@ class FrameDecoder:
         """
         if self._error is not None:
             raise self._error
-        frames: list[bytes] = []
+        frames: list[bytes | bytearray] = []
         buf = self._buf
         with memoryview(data) as view:
             pos = 0
@@ -167,10 +222,26 @@ class FrameDecoder:
                         self._fail(length)
                     self._want = length
                 want = self._want
-                if not buf and end - pos >= want:
+                if self._body is not None:  # a large body received in place, fed by chunks here
+                    take = min(want - self._filled, end - pos)
+                    self._body[self._filled : self._filled + take] = view[pos : pos + take]
+                    self._filled += take
+                    pos += take
+                    if self._filled < want:
+                        break
+                    frames.append(self._body)
+                    self._body, self._filled = None, 0
+                elif not buf and end - pos >= want:
                     # Fast path: the whole body is inside this chunk.
                     frames.append(bytes(view[pos : pos + want]))
                     pos += want
+                elif not buf and want >= DIRECT_BODY:
+                    # A large body starts here: give it its own buffer of the exact size.
+                    self._body = bytearray(want)
+                    self._filled = end - pos
+                    self._body[: self._filled] = view[pos:end]
+                    pos = end
+                    break
                 else:
                     take = min(want - len(buf), end - pos)
                     buf += view[pos : pos + take]
@@ -185,6 +256,7 @@ class FrameDecoder:
     def _fail(self, length: int) -> None:
         # Drop whatever is buffered: a failed stream is never resumed.
         self._buf = bytearray()
+        self._body, self._filled = None, 0
         self._want = None
         self._error = FrameTooLargeError(
             f"peer announced a frame of {length} bytes; the limit here is {self._max_frame}"

@@ -45,6 +45,8 @@ OVERHEAD = SEQ_SIZE + MAC_SIZE
 #: Largest payload one frame can carry (OpenSSL's limit on GCM associated data).
 MAX_PAYLOAD = 2**31 - 1
 _SEQ_LIMIT = 2**64
+# Bodies at least this big, when given as a bytearray, are opened in place (no copy).
+_IN_PLACE = 64 * 1024
 _EMPTY = b""
 
 
@@ -105,8 +107,11 @@ class SessionCipher:
         """
         return b"".join(self.seal_parts(payload))
 
-    def open(self, body: bytes) -> bytes:
+    def open(self, body: bytes | bytearray) -> bytes | bytearray:
         """Verify ``body`` and return its payload.
+
+        A large ``bytearray`` body is consumed: its payload is cut out of it in place and the
+        same object is returned.
 
         The tag is checked first (constant time, in OpenSSL); only an authentic body's
         sequence number is compared with the expected one.  A failed check leaves the
@@ -139,6 +144,13 @@ class SessionCipher:
                 "replayed, reordered or dropped frame"
             )
         self._recv_seq = seq + 1
+        if type(body) is bytearray and size >= _IN_PLACE:
+            try:  # cut the payload out in place: both ends of a bytearray shrink in O(1)
+                del body[size - MAC_SIZE :]
+                del body[:SEQ_SIZE]
+                return body
+            except BufferError:  # someone still holds a view of it: copy instead
+                pass
         return body[SEQ_SIZE : size - MAC_SIZE]
 
 

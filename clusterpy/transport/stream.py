@@ -7,7 +7,9 @@ Data flow::
         |  (exact-size reads: never past a      v
         |   frame boundary, cap 4 KiB)      StreamWriter.writelines
         v
-    Connection.recv()  <- SessionCipher.open <- FrameDecoder.feed <- StreamReader.read(256 KiB)
+    Connection.recv()  <- SessionCipher.open <- _Receiver (BufferedProtocol: the socket reads
+                          straight into FrameDecoder.get_buffer(); a large body into its own
+                          bytearray, opened and decoded in place)
 
 Every decision (framing, caps, MACs, sequence numbers, refusals) is made by the sans-IO objects
 in :mod:`clusterpy.protocol`; this module only moves bytes, owns the clock (handshake
@@ -52,6 +54,8 @@ _log = logging.getLogger("clusterpy.transport")
 
 #: Bytes asked of the StreamReader per read once authenticated.
 READ_SIZE = 256 * 1024
+# Received bodies waiting for recv() beyond this many bytes pause reading from the socket.
+_QUEUED_BYTES = 4 * 1024 * 1024
 # Frames queued by send() go out together at the end of the loop turn (one system call for
 # the results of a whole batch of jobs), or at once past this many bytes: big frames gain
 # nothing from waiting.
@@ -88,6 +92,103 @@ async def _close_writer(writer: asyncio.StreamWriter) -> None:
         writer.transport.abort()
 
 
+class _Receiver(asyncio.BufferedProtocol):
+    """The transport's protocol once authenticated: the socket writes straight into the
+    frame decoder's buffers (a large body lands in its own bytearray, never copied again),
+    complete bodies queue here for :meth:`Connection.recv`, and write flow control is kept
+    for :meth:`Connection.drain`.  Reading pauses while more than :data:`_QUEUED_BYTES`
+    wait to be received."""
+
+    def __init__(self, decoder: FrameDecoder, loop: asyncio.AbstractEventLoop) -> None:
+        self.decoder = decoder
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.frames: deque[bytes | bytearray] = deque()
+        self.queued = 0
+        self.paused_reading = False
+        self.eof = False
+        self.lost: Exception | None = None  # the OS error that ended the connection, if any
+        self.error: ProtocolError | None = None  # what the decoder refused
+        self.readable: asyncio.Future[None] | None = None
+        self.write_paused = False
+        self.writable: asyncio.Future[None] | None = None
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    # -- asyncio callbacks
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            bodies = self.decoder.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            self.error = exc
+            self._pause_reading()
+            self._wake()
+            return
+        if bodies:
+            self.frames.extend(bodies)
+            self.queued += sum(len(b) for b in bodies)
+            if self.queued > _QUEUED_BYTES:
+                self._pause_reading()
+            self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.lost = exc
+        self._wake()
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+
+    # -- used by Connection
+
+    def take(self) -> bytes | bytearray:
+        body = self.frames.popleft()
+        self.queued -= len(body)
+        if self.paused_reading and self.queued <= _QUEUED_BYTES // 2 and self.error is None:
+            self.paused_reading = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        return body
+
+    async def wait_readable(self) -> None:
+        self.readable = self.loop.create_future()
+        try:
+            await self.readable
+        finally:
+            self.readable = None
+
+    async def wait_writable(self) -> None:
+        if self.writable is None or self.writable.done():
+            self.writable = self.loop.create_future()
+        await asyncio.shield(self.writable)  # several drainers may share it
+
+    def _wake(self) -> None:
+        if self.readable is not None and not self.readable.done():
+            self.readable.set_result(None)
+
+    def _pause_reading(self) -> None:
+        if not self.paused_reading and self.transport is not None and not self.transport.is_closing():
+            self.paused_reading = True
+            self.transport.pause_reading()
+
+
 class Connection:
     """An authenticated connection: sealed, framed payloads in both directions.
 
@@ -107,17 +208,19 @@ class Connection:
         peer_info: dict[str, str],
         peername: Any,
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
+        # Only kept alive: a StreamWriter closes its transport when it is garbage collected.
+        self._handshake_streams = (reader, writer)
         self._cipher = cipher
         self._decoder = decoder
-        self._frames: deque[bytes] = deque()
         self._closed = False  # closed by us
         self._error: ClusterError | None = None  # what broke it, if something did
         self._receiving = False
-        self._loop = asyncio.get_running_loop()
         self._corked: list[bytes | bytearray | memoryview] = []
         self._corked_bytes = 0
+        self._protocol = _Receiver(decoder, self._loop)
+        self._take_over(reader)
         #: The peer's authenticated role label.
         self.peer_role = peer_role
         #: The peer's authenticated info (versions etc.).
@@ -125,6 +228,33 @@ class Connection:
         #: The peer's address as the socket reports it.
         self.peername: Any = peername
         self._label = f"{peer_role} {_format_addr(peername)}"
+
+    def _take_over(self, reader: asyncio.StreamReader) -> None:
+        """Move the transport from the handshake's StreamReader to our own protocol, with
+        whatever the reader had already buffered (bytes sent right after the handshake), its
+        EOF and its write flow-control state."""
+        proto = self._protocol
+        proto.transport = self._transport
+        old = self._transport.get_protocol()
+        # StreamReaderProtocol keeps these privately; a paused writer must stay paused.
+        proto.write_paused = bool(getattr(old, "_paused", False))
+        self._transport.set_protocol(proto)
+        leftover = bytes(reader._buffer)  # noqa: SLF001 - no public way to take them over
+        reader._buffer.clear()  # noqa: SLF001
+        if leftover:
+            try:
+                proto.frames.extend(self._decoder.feed(leftover))
+            except ProtocolError as exc:
+                proto.error = exc
+            proto.queued = sum(len(b) for b in proto.frames)
+        if reader.at_eof() or reader.exception() is not None:
+            proto.eof = True
+            proto.lost = reader.exception()
+        if self._transport.is_closing():
+            proto.eof = True
+        # The StreamReader may have paused reading for its own buffer limit.
+        if not self._transport.is_reading() and not self._transport.is_closing():
+            self._transport.resume_reading()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -134,7 +264,7 @@ class Connection:
     def tls(self) -> dict[str, str] | None:
         """``{"version", "cipher", "peer"}`` (peer: the certificate's common name, "" if none)
         when the connection runs over TLS, else None."""
-        ssl_object = self._writer.get_extra_info("ssl_object")
+        ssl_object = self._transport.get_extra_info("ssl_object")
         if ssl_object is None:
             return None
         cert = ssl_object.getpeercert() or {}
@@ -160,7 +290,7 @@ class Connection:
         """Record the first error, drop the transport, and return ``error`` for raising."""
         if self._error is None and not self._closed:
             self._error = error
-            self._writer.close()
+            self._transport.close()
         return error
 
     def send(self, payload: bytes | bytearray | memoryview) -> None:
@@ -175,7 +305,7 @@ class Connection:
             ValueError: the sealed payload would exceed the frame cap.
         """
         self._check_open()
-        if self._writer.transport.is_closing():
+        if self._transport.is_closing():
             raise self._broken(ConnectionClosedError(f"{self._label} closed the connection"))
         size = len(payload) + OVERHEAD
         if size > self._decoder.max_frame:
@@ -192,12 +322,25 @@ class Connection:
             self._flush()
 
     def _flush(self) -> None:
-        """Hand the queued frames to the transport in one write."""
+        """Hand the queued frames to the transport: small parts joined into one write, large
+        ones (a big payload) written as they are, so they are not copied into a join."""
         if not self._corked:
             return
         parts, self._corked, self._corked_bytes = self._corked, [], 0
-        if self._error is None and not self._writer.transport.is_closing():
-            self._writer.writelines(parts)
+        if self._error is not None or self._transport.is_closing():
+            return
+        write = self._transport.write
+        small: list[bytes | bytearray | memoryview] = []
+        for part in parts:
+            if len(part) < _CORK_BYTES:
+                small.append(part)
+                continue
+            if small:
+                write(b"".join(small))
+                small = []
+            write(part)
+        if small:
+            write(small[0] if len(small) == 1 else b"".join(small))
 
     async def drain(self) -> None:
         """Wait until the write buffer is below its high-water mark.
@@ -207,15 +350,17 @@ class Connection:
         """
         self._check_open()
         self._flush()
-        try:
-            await self._writer.drain()
-        except OSError as exc:  # ConnectionResetError, BrokenPipeError, ssl.SSLError...
-            raise self._broken(
-                ConnectionClosedError(f"connection to {self._label} failed: {exc}")
-            ) from exc
+        proto = self._protocol
+        while proto.write_paused and not proto.closed.done():
+            await proto.wait_writable()
+            self._check_open()
+        if proto.closed.done():
+            detail = f": {proto.lost}" if proto.lost is not None else ""
+            raise self._broken(ConnectionClosedError(f"connection to {self._label} failed{detail}"
+                                                     if detail else f"{self._label} closed the connection"))
 
-    async def recv(self) -> bytes:
-        """Return the next authenticated payload.
+    async def recv(self) -> bytes | bytearray:
+        """Return the next authenticated payload (a large one as a ``bytearray``).
 
         Raises:
             ConnectionClosedError: EOF, reset, or the connection is closed.
@@ -227,25 +372,23 @@ class Connection:
             raise RuntimeError("recv() is already being awaited by another task")
         self._check_open()
         self._receiving = True
+        proto = self._protocol
         try:
-            while not self._frames:
-                try:
-                    data = await self._reader.read(READ_SIZE)
-                except OSError as exc:
-                    raise self._broken(
-                        ConnectionClosedError(f"connection to {self._label} failed: {exc}")
-                    ) from exc
-                if not data:
+            while not proto.frames:
+                if proto.error is not None:
+                    raise self._broken(proto.error)
+                if proto.eof:
                     self._check_open()  # a local close() while we waited ends here
+                    if proto.lost is not None:
+                        raise self._broken(ConnectionClosedError(
+                            f"connection to {self._label} failed: {proto.lost}"))
                     partial = " in the middle of a frame" if self._decoder.buffered else ""
                     raise self._broken(
                         ConnectionClosedError(f"{self._label} closed the connection{partial}")
                     )
-                try:
-                    self._frames.extend(self._decoder.feed(data))
-                except ProtocolError as exc:
-                    raise self._broken(exc) from None
-            body = self._frames.popleft()
+                await proto.wait_readable()
+                self._check_open()
+            body = proto.take()
             try:
                 return self._cipher.open(body)
             except ProtocolError as exc:
@@ -258,12 +401,17 @@ class Connection:
         if not self._closed:
             self._flush()
             self._closed = True
-            self._writer.close()
+            self._transport.close()
+            self._protocol._wake()
 
     async def aclose(self) -> None:
         """Close and wait (briefly) until the transport is gone. Idempotent; never raises."""
         self.close()
-        await _close_writer(self._writer)
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await asyncio.shield(self._protocol.closed)
+        except TimeoutError:
+            self._transport.abort()
 
     async def __aenter__(self) -> Connection:
         return self
