@@ -405,8 +405,12 @@ class ClientSession:
     # ---------------------------------------------------------------- job reports
 
     def started(self, job: QueuedJob) -> None:
+        if self.conn.closed:
+            return  # the client is away: it learns of the job from its result
         if not self._started:
-            asyncio.get_running_loop().call_soon(self._flush_started)
+            # One JobsStarted for the jobs started this loop turn, in the write that carries
+            # the results ended in it.
+            self.conn.before_flush(self._flush_started)
         self._started.append((job.comp.comp_id, m.JobStart(job.request.job_id, job.request.attempt, time.time())))
 
     def _flush_started(self) -> None:

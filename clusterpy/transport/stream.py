@@ -26,7 +26,7 @@ import os
 import socket
 import ssl as _ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -219,6 +219,8 @@ class Connection:
         self._receiving = False
         self._corked: list[bytes | bytearray | memoryview] = []
         self._corked_bytes = 0
+        self._flush_scheduled = False
+        self._before_flush: list[Callable[[], None]] = []
         self._protocol = _Receiver(decoder, self._loop)
         self._take_over(reader)
         #: The peer's authenticated role label.
@@ -297,8 +299,8 @@ class Connection:
         """Seal and queue ``payload`` (no await; call :meth:`drain` for back-pressure).
 
         Frames queued in one turn of the event loop are written together at its end (or at
-        once when they add up to 64 KiB, or on drain()/close()); ``payload`` must not be
-        mutated until then.
+        once when they add up to 64 KiB, or on close()); ``payload`` must not be mutated
+        until then.
 
         Raises:
             ConnectionClosedError: the connection is closed or broken.
@@ -313,17 +315,33 @@ class Connection:
                 f"payload of {len(payload)} bytes exceeds the frame cap of "
                 f"{self._decoder.max_frame} bytes"
             )
-        if not self._corked:
-            self._loop.call_soon(self._flush)
+        self._schedule_flush()
         self._corked.append(frame_header(size))
         self._corked.extend(self._cipher.seal_parts(payload))
         self._corked_bytes += size
         if self._corked_bytes >= _CORK_BYTES:
             self._flush()
 
+    def before_flush(self, produce: Callable[[], None]) -> None:
+        """Call ``produce`` (once) just before the queued frames are next written, so messages
+        it sends, batched by the caller over the loop turn, ride in the same write."""
+        self._check_open()
+        self._before_flush.append(produce)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
         """Hand the queued frames to the transport: small parts joined into one write, large
         ones (a big payload) written as they are, so they are not copied into a join."""
+        self._flush_scheduled = False
+        while self._before_flush:
+            hooks, self._before_flush = self._before_flush, []
+            for produce in hooks:
+                produce()
         if not self._corked:
             return
         parts, self._corked, self._corked_bytes = self._corked, [], 0
@@ -349,7 +367,8 @@ class Connection:
             ConnectionClosedError: the connection is closed, broken or reset.
         """
         self._check_open()
-        self._flush()
+        # Corked frames (under 64 KiB in all) are not flushed here: they go out at the end
+        # of the loop turn with whatever else is sent in it.
         proto = self._protocol
         while proto.write_paused and not proto.closed.done():
             await proto.wait_writable()
