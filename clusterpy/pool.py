@@ -45,8 +45,9 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._capture import collect_output, output_base, remove_output
+from ._channel import FrameDecoder, encode_frame, enlarge_pipe, pipe_size_for
 from .errors import ClusterClosedError, ClusterError, ConfigurationError
-from .worker import FrameDecoder, encode_frame, read_capped
 
 __all__ = ["ComputationSpec", "WorkerJob", "JobOutcome", "JobMessage", "WorkerPool"]
 
@@ -180,6 +181,8 @@ class _Worker:
         self.returncode: int | None = None
         self.ready = False
         self.loaded: dict[str, ComputationSpec] = {}
+        self.options: dict[str, Any] | None = None  # the job options the worker has
+        self.stdin: asyncio.WriteTransport | None = None
         self.job_id: str | None = None
         self.terminating = False
         self.killed = False
@@ -193,12 +196,13 @@ class _Worker:
 
     # -- called from the pool ----------------------------------------------------------
 
-    async def call(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
-        """Send ``message`` and return the worker's reply; raises _WorkerGone if it exits first."""
+    async def call(self, message: tuple[Any, ...], size_hint: int = 0) -> tuple[Any, ...]:
+        """Send ``message`` (holding about ``size_hint`` bytes of blobs) and return the worker's
+        reply; raises _WorkerGone if it exits first."""
         if self.exited.done():
             raise _WorkerGone(self.returncode)
         assert self.pending is None, "one call at a time"
-        self._write(message)
+        self._write(message, size_hint)
         future = self.pending = self.loop.create_future()
         try:
             return await future
@@ -223,12 +227,9 @@ class _Worker:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def _write(self, message: tuple[Any, ...]) -> None:
-        assert self.transport is not None
-        stdin = self.transport.get_pipe_transport(0)
-        assert isinstance(stdin, asyncio.WriteTransport)
-        for part in encode_frame(message):
-            stdin.write(part)
+    def _write(self, message: tuple[Any, ...], size_hint: int = 0) -> None:
+        assert self.stdin is not None
+        self.stdin.write(encode_frame(message, size_hint))  # one write per frame
 
     # -- called from _WorkerProtocol ---------------------------------------------------
 
@@ -236,6 +237,16 @@ class _Worker:
         self.transport = transport
         self.pid = transport.get_pid()
         self.pool._workers.add(self)
+        stdin, stdout = transport.get_pipe_transport(0), transport.get_pipe_transport(1)
+        assert isinstance(stdin, asyncio.WriteTransport)
+        self.stdin = stdin
+        # Bigger pipes: a 1 MB payload crosses in one or two writes, not sixteen. (The read
+        # transport still reads at most 256 KiB per wake-up: larger reads each cost a fresh
+        # mmap, and page faults, even for a 200-byte frame.)
+        for pipe_transport in (stdin, stdout):
+            pipe = pipe_transport.get_extra_info("pipe") if pipe_transport is not None else None
+            if pipe is not None:
+                enlarge_pipe(pipe.fileno(), self.pool._pipe_size)
 
     def on_data(self, data: bytes) -> None:
         try:
@@ -354,21 +365,6 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
         self.worker.finish()
 
 
-def _collect_output(base: str) -> tuple[bytes, bytes]:
-    """Read (capped) and delete the output files of a worker that died."""
-    output = []
-    for path in (base + ".out", base + ".err"):
-        try:
-            output.append(read_capped(path))
-        except OSError:  # the directory is gone when the pool is closing
-            output.append(b"")
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-    return output[0], output[1]
-
-
 class WorkerPool:
     """``cpus`` persistent worker processes running the jobs of loaded computations.
 
@@ -396,6 +392,7 @@ class WorkerPool:
         self._stopped: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._capture_dir = ""
+        self._pipe_size = pipe_size_for(cpus)
         self._state = "new"  # -> "open" -> "closing" -> "closed"
         self._broken: BaseException | None = None
         self._closed = asyncio.Event()
@@ -576,12 +573,17 @@ class WorkerPool:
                     del worker.loaded[spec.comp_id]
                     await worker.call(("unload", spec.comp_id))
                 reply = await worker.call(
-                    ("load", spec.comp_id, spec.kind, spec.workdir, spec.bundle, spec.program, spec.env)
+                    ("load", spec.comp_id, spec.kind, spec.workdir, spec.bundle, spec.program, spec.env),
+                    len(spec.bundle or b""),
                 )
                 worker.loaded[spec.comp_id] = spec
                 if reply[2] is not None:
                     log.warning("setup of computation %s failed in worker %d: %s", spec.comp_id, worker.pid, reply[2])
-            reply = await worker.call(("run", job.job_id, job.comp_id, job.args, self.job_options))
+            # The options travel only when they changed (the worker keeps the last ones).
+            options = None if worker.options == self.job_options else dict(self.job_options)
+            if options is not None:
+                worker.options = options
+            reply = await worker.call(("run", job.job_id, job.comp_id, job.args, options), len(job.args))
         except _WorkerGone as gone:
             return await self._lost_outcome(worker, job, start, gone.returncode)
         except BaseException:
@@ -661,6 +663,9 @@ class WorkerPool:
 
     def _worker_exited(self, worker: _Worker) -> None:
         self._workers.discard(worker)
+        if worker.job_id is None and self._capture_dir:
+            # Nobody collects its output (a run() whose worker died does, and removes the files).
+            remove_output(output_base(self._capture_dir, worker.pid))
         if worker in self._idle:
             self._idle.remove(worker)
         if not worker.ready or self._state != "open":
@@ -748,8 +753,8 @@ class WorkerPool:
 
     async def _lost_outcome(self, worker: _Worker, job: WorkerJob, start: float, returncode: int | None) -> JobOutcome:
         """The outcome of a job whose worker exited under it, with the output it had written."""
-        base = os.path.join(self._capture_dir, str(worker.pid))
-        stdout, stderr = await asyncio.to_thread(_collect_output, base)
+        base = output_base(self._capture_dir, worker.pid)
+        stdout, stderr = await asyncio.to_thread(collect_output, base)
         if worker.terminating:
             status, exc_type = "terminated", "JobTerminatedError"
             message = f"job {job.job_id} was terminated: its worker process {worker.pid} {_describe_exit(returncode)}"

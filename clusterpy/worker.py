@@ -14,12 +14,14 @@ Data flow::
                                                     during a job fds 1, 2 point at
                                                     CAPTURE_DIR/<pid>.out and .err
 
-    frame = 4-byte big-endian length + pickle of a tuple of builtins (str, bytes, dict...)
+    frame = 4-byte big-endian length + pickle of a tuple of builtins (str, bytes, dict...),
+            written in one write (clusterpy._channel)
 
 Commands and replies (exactly one reply per command, except ``exit``)::
 
     ("load", comp_id, kind, workdir, bundle, program, env)  ->  ("loaded", comp_id, error | None)
     ("run", job_id, comp_id, args[, options])               ->  ("done", {JobOutcome fields})
+                                (options None or left out: those of the previous run)
     during a run, unasked (clusterpy.progress)              ->  ("progress", job_id, value_bytes)
                                                                 ("file", job_id, name, data, last, error)
     ("unload", comp_id)                                     ->  ("unloaded", comp_id, error | None)
@@ -33,7 +35,10 @@ every class, so nothing a job returns is ever unpickled in the node.
 Because the private channel fds are the only way back to the pool, nothing a job writes
 (``print``, C-level ``write(1, ...)``, child processes) can corrupt the channel. Output
 files are named after the worker's pid so that the pool can still collect the output
-(including the faulthandler traceback of a segfault) of a job whose worker died.
+(including the faulthandler traceback of a segfault) of a job whose worker died. The two
+files are kept open and emptied from job to job; they are replaced by fresh files only when
+a process that a job started may still hold them (see :class:`clusterpy._capture.Output`),
+so that such a process never writes into a later job's output.
 
 Inside a job, :data:`current_job_id` is the id of the job being run (``None`` between
 jobs): ``import clusterpy.worker; clusterpy.worker.current_job_id``. :mod:`clusterpy.progress`
@@ -52,6 +57,10 @@ import threading
 import time
 from typing import Any
 
+from ._capture import OUTPUT_CAP, Output, children_cpu, output_base, read_capped
+from ._channel import MAX_FRAME, ChannelReader, FrameDecoder, encode_frame, write_all
+from ._malloc import tune_malloc
+
 __all__ = ["current_job_id", "encode_frame", "FrameDecoder", "read_capped", "OUTPUT_CAP", "main"]
 
 #: Id of the job this process is running now, ``None`` between jobs.
@@ -61,87 +70,15 @@ job_send: Any = None
 #: While a job runs: the node's options for it (see the module docstring).
 job_options: dict[str, Any] = {}
 
-#: Bytes of stdout (and separately of stderr) kept per job; the middle of longer output is cut.
-OUTPUT_CAP = 16 * 1024 * 1024
-#: Largest frame the 4-byte length prefix can describe.
-MAX_FRAME = 0xFFFFFFFF
 #: A pickled result larger than this is reported as an exception (room left for the rest of the frame).
 MAX_RESULT = MAX_FRAME - 2 * OUTPUT_CAP - (1 << 20)
 #: A pickled exception larger than this is dropped (its type, message and traceback still travel).
 MAX_EXCEPTION = 1 << 20
 
-_HEADER_LEN = 4
-
-
-# ---------------------------------------------------------------------------------------
-# Channel framing (also used by clusterpy.pool; kept here so the worker never imports asyncio)
-# ---------------------------------------------------------------------------------------
-
-
-def encode_frame(message: tuple[object, ...]) -> tuple[bytes, bytes]:
-    """Return ``(header, payload)`` for ``message``; raises ValueError if it is over :data:`MAX_FRAME`."""
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    if len(payload) > MAX_FRAME:
-        raise ValueError(f"frame of {len(payload)} bytes exceeds the channel's {MAX_FRAME}-byte limit")
-    return len(payload).to_bytes(_HEADER_LEN, "big"), payload
-
-
-class FrameDecoder:
-    """Sans-IO decoder: feed it bytes as they arrive, get back the complete frame payloads."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """Append ``data``; return the payloads of the frames it completed, in order."""
-        self._buf += data
-        frames: list[bytes] = []
-        while len(self._buf) >= _HEADER_LEN:
-            size = int.from_bytes(self._buf[:_HEADER_LEN], "big")
-            end = _HEADER_LEN + size
-            if len(self._buf) < end:
-                break
-            with memoryview(self._buf) as view:
-                frames.append(bytes(view[_HEADER_LEN:end]))
-            del self._buf[:end]
-        return frames
-
-    @property
-    def pending(self) -> int:
-        """Bytes received that do not yet form a complete frame."""
-        return len(self._buf)
-
-
-def read_capped(path: str, cap: int = OUTPUT_CAP) -> bytes:
-    """Return the contents of ``path`` (``b""`` if missing), keeping its head and tail if over ``cap``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return b""
-    try:
-        size = os.fstat(fd).st_size
-        if size <= cap:
-            return _pread_all(fd, size, 0)
-        half = cap // 2
-        marker = (
-            f"\n[clusterpy: {size - 2 * half} bytes of output cut; "
-            f"the first and last {half} of {size} bytes are kept]\n"
-        ).encode()
-        return _pread_all(fd, half, 0) + marker + _pread_all(fd, half, size - half)
-    finally:
-        os.close(fd)
-
-
-def _pread_all(fd: int, size: int, offset: int) -> bytes:
-    chunks = []
-    while size > 0:
-        chunk = os.pread(fd, size, offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size -= len(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
+#: Results of these types are pickled with the standard pickler (no cloudpickle needed: they
+#: never refer to code), which costs a tenth of cloudpickle's per call.
+_PLAIN_RESULTS = (int, float, bool, type(None))
+_PLAIN_MAX = 64 * 1024  # ... and str/bytes up to this length (pickle.dumps is slow for large ones)
 
 
 # ---------------------------------------------------------------------------------------
@@ -170,62 +107,42 @@ class _Computation:
 
 class _Worker:
     def __init__(self, chan_in: int, chan_out: int, capture_dir: str, devnull: int) -> None:
-        self.chan_in = chan_in
+        self.reader = ChannelReader(chan_in)
         self.chan_out = chan_out
-        self.devnull = devnull
-        self.capture = os.path.join(capture_dir, str(os.getpid()))
-        self.home = os.getcwd()
+        self.output = Output(output_base(capture_dir, os.getpid()), devnull)
         self.comps: dict[str, _Computation] = {}
+        self.options: dict[str, Any] = {}
         self._cloudpickle = None
         self._send_lock = threading.Lock()
 
     # -- channel -----------------------------------------------------------------------
 
     def send(self, message: tuple[object, ...]) -> None:
+        frame = encode_frame(message, _size_hint(message))
         # A job's threads may send (clusterpy.progress) while the main thread does: one frame at a time.
         with self._send_lock:
-            for part in encode_frame(message):
-                view = memoryview(part)
-                while view:
-                    view = view[os.write(self.chan_out, view):]
-
-    def receive(self) -> tuple[Any, ...] | None:
-        header = self._read_exact(_HEADER_LEN)
-        if header is None:
-            return None
-        payload = self._read_exact(int.from_bytes(header, "big"))
-        if payload is None:
-            return None
-        return pickle.loads(payload)
-
-    def _read_exact(self, size: int) -> bytes | None:
-        buf = bytearray()
-        while len(buf) < size:
-            chunk = os.read(self.chan_in, min(size - len(buf), 1 << 20))
-            if not chunk:
-                return None
-            buf += chunk
-        return bytes(buf)
+            write_all(self.chan_out, frame)
 
     def serve(self) -> None:
         self.send(("ready", os.getpid()))
-        while True:
-            command = self.receive()
-            if command is None or command[0] == "exit":
-                break
-            op = command[0]
-            if op == "run":
-                self.send(("done", self.run(*command[1:])))
-            elif op == "load":
-                self.send(("loaded", command[1], self.load(*command[1:])))
-            elif op == "unload":
-                self.send(("unloaded", command[1], self.unload(command[1])))
-            else:
-                raise ValueError(f"unknown command {op!r}")
-        for comp_id in list(self.comps):
-            self.unload(comp_id)
-        for suffix in (".out", ".err"):
-            _unlink(self.capture + suffix)
+        try:
+            while True:
+                command = self.reader.receive()
+                if command is None or command[0] == "exit":
+                    break
+                op = command[0]
+                if op == "run":
+                    self.send(("done", self.run(*command[1:])))
+                elif op == "load":
+                    self.send(("loaded", command[1], self.load(*command[1:])))
+                elif op == "unload":
+                    self.send(("unloaded", command[1], self.unload(command[1])))
+                else:
+                    raise ValueError(f"unknown command {op!r}")
+            for comp_id in list(self.comps):
+                self.unload(comp_id)
+        finally:
+            self.output.close()
 
     @property
     def cloudpickle(self):  # type: ignore[no-untyped-def]
@@ -245,7 +162,7 @@ class _Worker:
         self.comps[comp_id] = comp
         if workdir not in sys.path:
             sys.path.insert(0, workdir)
-        with _Capture(self.capture, self.devnull) as capture, _Environ(comp.env), _Cwd(workdir, self.home):
+        with self.output as capture, _Environ(comp.env), _Cwd(workdir):
             try:
                 if kind == "function":
                     self.cloudpickle  # noqa: B018 -- make sure cloudpickle's reducers are importable
@@ -277,7 +194,6 @@ class _Worker:
             capture.discard()
             return None
         comp.setup_output = capture.read()
-        capture.discard()
         return str(comp.setup_error["exc_message"])
 
     def unload(self, comp_id: str) -> str | None:
@@ -287,7 +203,7 @@ class _Worker:
             return None
         error = None
         if comp.cleanup is not None and comp.setup_error is None:
-            with _Environ(comp.env), _Cwd(comp.workdir, self.home):
+            with _Environ(comp.env), _Cwd(comp.workdir):
                 try:
                     comp.cleanup()
                 except BaseException as exc:  # noqa: BLE001
@@ -307,8 +223,12 @@ class _Worker:
     def run(self, job_id: str, comp_id: str, args: bytes, options: dict[str, Any] | None = None) -> dict[str, object]:
         """Run one job; return the fields of its JobOutcome. Never raises for the job's faults.
 
-        ``options``: see the module docstring (``max_file``, ``slowdown``, ``fault``)."""
+        ``options``: see the module docstring (``max_file``, ``slowdown``, ``fault``); None:
+        those of the previous run."""
         global current_job_id, job_send, job_options
+        if options is not None:
+            self.options = options
+        options = self.options
         comp = self.comps.get(comp_id)
         error: dict[str, object] | None
         if comp is None or comp.setup_error is not None:
@@ -323,17 +243,17 @@ class _Worker:
                         stdout=output[0], stderr=output[1], start_time=now, end_time=now,
                         cpu_time=0.0, exit_code=None)
 
-        if comp.workdir in sys.path:
-            sys.path.remove(comp.workdir)
-        sys.path.insert(0, comp.workdir)
+        if sys.path[0] != comp.workdir:
+            if comp.workdir in sys.path:
+                sys.path.remove(comp.workdir)
+            sys.path.insert(0, comp.workdir)
         status, exit_code = "finished", None
         result: bytes | None = None
         error = None
-        with _Capture(self.capture, self.devnull) as capture, _Environ(comp.env), _Cwd(comp.workdir, self.home):
+        with self.output as capture, _Environ(comp.env), _Cwd(comp.workdir):
             current_job_id = job_id
-            options = options or {}
-            job_send, job_options = self.send, options
-            start, cpu_start = time.time(), _cpu_seconds()
+            job_send, job_options = self.send, dict(options)  # a job may not change the next one's
+            start, cpu_start = time.time(), time.process_time()
             private = None
             try:
                 if comp.return_files:
@@ -366,16 +286,18 @@ class _Worker:
                 if error is not None:
                     status = "exception"
                 del value
-            cpu = _cpu_seconds() - cpu_start
+            # The job's own CPU (all threads) and that of the child processes it waited for.
+            cpu = time.process_time() - cpu_start + children_cpu() - capture.children_cpu_at_start
             end = time.time()
             slowdown = float(options.get("slowdown") or 1.0)
             if slowdown > 1.0:  # --slowdown (a testing aid): this job takes `slowdown` times as long
                 time.sleep((slowdown - 1.0) * (end - start))
                 end = time.time()
         stdout, stderr = capture.read()
-        capture.discard()
         if error is None:
-            error = dict(exception=None, exc_type=None, exc_message=None, traceback=None)
+            return dict(job_id=job_id, status=status, result=result, exception=None, exc_type=None,
+                        exc_message=None, traceback=None, stdout=stdout, stderr=stderr,
+                        start_time=start, end_time=end, cpu_time=cpu, exit_code=exit_code)
         return dict(job_id=job_id, status=status, result=result, **error, stdout=stdout,
                     stderr=stderr, start_time=start, end_time=end, cpu_time=cpu,
                     exit_code=exit_code)
@@ -404,6 +326,9 @@ class _Worker:
 
     def _pickle_result(self, value: object) -> tuple[bytes | None, dict[str, object] | None]:
         cause: BaseException | None
+        kind = type(value)
+        if kind in _PLAIN_RESULTS or ((kind is str or kind is bytes) and len(value) <= _PLAIN_MAX):  # type: ignore[arg-type]
+            return pickle.dumps(value, protocol=5), None
         try:
             blob = self.cloudpickle.dumps(value)
         except BaseException as exc:  # noqa: BLE001
@@ -442,6 +367,18 @@ class _Worker:
         return dict(exception=blob, exc_type=type(exc).__name__, exc_message=message, traceback=text)
 
 
+def _size_hint(message: tuple[object, ...]) -> int:
+    """Bytes held by ``message``'s ``bytes`` (at its top level and in a dict in it): which
+    way encode_frame should pickle it."""
+    size = 0
+    for item in message:
+        if isinstance(item, bytes):
+            size += len(item)
+        elif isinstance(item, dict):
+            size += sum(len(v) for v in item.values() if isinstance(v, bytes))
+    return size
+
+
 def _run_program(comp: _Computation, args: tuple[object, ...], kwargs: dict[str, object]) -> int:
     import subprocess
 
@@ -472,62 +409,6 @@ def _inject(depends: object, functions: tuple[object, ...]) -> None:
             namespace[name] = obj
 
 
-def _cpu_seconds() -> float:
-    import resource
-
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _flush_std() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 -- a job may have closed or replaced the stream
-            pass
-
-
-class _Capture:
-    """Point fds 1 and 2 (and so sys.stdout/sys.stderr) at fresh per-worker output files."""
-
-    def __init__(self, base: str, devnull: int) -> None:
-        self.paths = (base + ".out", base + ".err")
-        self.devnull = devnull
-
-    def __enter__(self) -> _Capture:
-        _flush_std()
-        for target, path in zip((1, 2), self.paths):
-            # A fresh file each time: a child a previous job left running keeps writing to the old one.
-            _unlink(path)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            os.dup2(fd, target)
-            os.close(fd)
-        self.saved = (sys.stdout, sys.stderr)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        _flush_std()
-        sys.stdout, sys.stderr = self.saved
-        _flush_std()
-        os.dup2(self.devnull, 1)
-        os.dup2(self.devnull, 2)
-
-    def read(self) -> tuple[bytes, bytes]:
-        return read_capped(self.paths[0]), read_capped(self.paths[1])
-
-    def discard(self) -> None:
-        for path in self.paths:
-            _unlink(path)
-
-
 class _Environ:
     """Apply a computation's environment variables for the duration of a call."""
 
@@ -536,7 +417,8 @@ class _Environ:
 
     def __enter__(self) -> None:
         self.saved = {key: os.environ.get(key) for key in self.env}
-        os.environ.update(self.env)
+        if self.env:
+            os.environ.update(self.env)
 
     def __exit__(self, *exc_info: object) -> None:
         for key, value in self.saved.items():
@@ -547,17 +429,17 @@ class _Environ:
 
 
 class _Cwd:
-    def __init__(self, path: str, home: str) -> None:
-        self.path, self.home = path, home
+    """Enter ``path`` for a call. The worker stays there afterwards (the next call most
+    likely needs the same directory): one ``chdir`` per call instead of two."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
 
     def __enter__(self) -> None:
         os.chdir(self.path)
 
     def __exit__(self, *exc_info: object) -> None:
-        try:
-            os.chdir(self.home)
-        except OSError:
-            os.chdir("/")
+        pass
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -588,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
     faulthandler.enable()  # writes to fd 2, i.e. the running job's stderr file
     _die_with_parent(int(parent_pid))
+    tune_malloc()
     worker = _Worker(chan_in, chan_out, capture_dir, devnull)
     try:
         worker.serve()

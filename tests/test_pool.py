@@ -202,7 +202,7 @@ def start_grandchild():
 
 def test_frame_decoder_handles_any_split():
     messages = [("ready", 1), ("done", {"x": b"\0" * 1000}), ("loaded", "c", None)]
-    wire = b"".join(b"".join(encode_frame(m)) for m in messages)
+    wire = b"".join(bytes(encode_frame(m)) for m in messages)
     decoder = FrameDecoder()
     frames = []
     for i in range(len(wire)):
@@ -210,6 +210,13 @@ def test_frame_decoder_handles_any_split():
     assert [pickle.loads(f) for f in frames] == messages
     assert decoder.pending == 0
     assert [pickle.loads(f) for f in FrameDecoder().feed(wire)] == messages
+    # large messages take another way to the same frames
+    big = ("done", {"result": bytes(range(256)) * 1024})
+    assert bytes(encode_frame(big, 1 << 20)) == bytes(encode_frame(big))
+    decoder = FrameDecoder()
+    assert decoder.feed(wire[:3]) == [] and decoder.pending == 3
+    assert [pickle.loads(f) for f in decoder.feed(wire[3:] + bytes(encode_frame(big))[:10])] == messages
+    assert [pickle.loads(f) for f in decoder.feed(bytes(encode_frame(big))[10:])] == [big]
 
 
 def test_read_capped_keeps_head_and_tail(tmp_path):
