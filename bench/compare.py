@@ -331,7 +331,7 @@ def main(argv: list[str]) -> int:
         enter_private_network(argv)
     letters = "".join(c for c in args.workloads.upper() if c in "ABCDEFG")
     reps = args.reps or (3 if args.quick else 5)
-    p = wl.Params(a_jobs=1000, b_calls=100, c_jobs=20, cpus=args.cpus) if args.quick else wl.Params(cpus=args.cpus)
+    p = wl.Params(a_jobs=1000, a_map_items=50_000, b_calls=100, c_jobs=20, cpus=args.cpus) if args.quick else wl.Params(cpus=args.cpus)
     wanted = [n.strip() for n in args.frameworks.split(",") if n.strip()]
     unknown = set(wanted) - set(fw.FRAMEWORKS)
     if unknown:
@@ -373,7 +373,7 @@ def main(argv: list[str]) -> int:
     print(f"# clusterpy benchmark, {started:%Y-%m-%d %H:%M %Z}\n")
     print(f"Machine: {machine()}  ")
     print("Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()) + "  ")
-    print(f"Sizes: A {p.a_jobs} jobs (map chunksize {p.chunksize}), B {p.b_calls} calls, C {p.c_jobs} x "
+    print(f"Sizes: A {p.a_jobs} jobs (map: {p.a_map_items} items, chunksize {p.chunksize}), B {p.b_calls} calls, C {p.c_jobs} x "
           f"{p.c_bytes >> 20} MB, E {p.e_jobs} x {p.e_seconds} s; {args.cpus} worker CPUs each; "
           f"{reps} repetitions; network: {'private namespace (loopback only)' if fw.isolated_network() else 'host loopback'}")
     print(f"Load average at the start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; at the end: "

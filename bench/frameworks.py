@@ -200,6 +200,9 @@ class _ClusterpySession(Session):
         except (TimeoutError, concurrent.futures.TimeoutError):
             raise Stalled(f"clusterpy job {handle.id} did not end within {JOB_TIMEOUT:g} s") from None
 
+    def map(self, args: Iterable[Any], chunksize: int) -> list[Any]:
+        return list(self.cluster.map(args, chunksize=chunksize))
+
     def close(self) -> None:
         self.cluster.close(terminate=True, timeout=30)
 
@@ -398,7 +401,15 @@ class _DaskSession(Session):
         return self.client.gather(handles)
 
     def map(self, args: Iterable[Any], chunksize: int) -> list[Any]:
-        return self.client.gather(self.client.map(self.fn, list(args), pure=False))
+        # dask's map has no chunks (one task per item): chunk as a dask user would.
+        items = list(args)
+        chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
+        parts = self.client.gather(self.client.map(_apply_to_chunk, chunks, fn=self.fn, pure=False))
+        return [value for part in parts for value in part]
+
+
+def _apply_to_chunk(chunk: list[Any], fn: Callable[..., Any]) -> list[Any]:
+    return [fn(x) for x in chunk]
 
 
 class Dask(Framework):

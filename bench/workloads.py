@@ -30,6 +30,7 @@ class Params:
     """Sizes of the workloads (``--quick`` makes them smaller)."""
 
     a_jobs: int = 5000
+    a_map_items: int = 200_000
     b_calls: int = 200
     c_jobs: int = 50
     c_bytes: int = 1 << 20
@@ -40,7 +41,7 @@ class Params:
     @property
     def chunksize(self) -> int:
         # As many chunks as 8 per worker: large enough to amortise, small enough to balance.
-        return max(1, self.a_jobs // (self.cpus * 8))
+        return max(1, self.a_map_items // (self.cpus * 8))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -57,7 +58,8 @@ def _check(results: list[Any], expected: list[Any], session: Session, what: str)
 
 
 def run_a(session: Session, p: Params, cpu: Callable[[], float]) -> dict[str, float]:
-    """A: ``a_jobs`` trivial jobs submitted one by one, then the same through map if any.
+    """A: ``a_jobs`` trivial jobs submitted one by one, then ``a_map_items`` through map (in
+    chunks) if the framework has one.
 
     ``cpu()`` returns the CPU seconds used so far by every process of the framework: CPU per
     job is the figure a busy shared machine disturbs least.
@@ -75,15 +77,16 @@ def run_a(session: Session, p: Params, cpu: Callable[[], float]) -> dict[str, fl
     if done <= 0:
         raise Stalled("A: no job ended")
     out = {"A.submit": done / elapsed, "A.cpu": cpu_used / done * 1e6}
+    items = p.a_map_items
     try:
         start = time.perf_counter()
-        results = session.map(range(n), p.chunksize)
+        results = session.map(range(items), p.chunksize)
         elapsed = time.perf_counter() - start
     except NotSupported:
         pass
     else:
-        _check(results, [i + 1 for i in range(n)], session, "A map")
-        out["A.map"] = n / elapsed
+        _check(results, [i + 1 for i in range(items)], session, "A map")
+        out["A.map"] = items / elapsed
     if session.errors:
         out["A.errors"] = session.errors
     return out

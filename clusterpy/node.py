@@ -450,6 +450,18 @@ class NodeServer:
         else:
             await self.pool.terminate(job.key)
 
+    def recall(self, job: QueuedJob) -> bool:
+        """Take back a job that has not started (the client runs it elsewhere); False if it
+        has started, or ended, already."""
+        if job.task is not None or job.cancelled:
+            return False
+        try:
+            self._run_queue.remove(job)
+        except ValueError:
+            return False
+        job.comp.jobs.pop(job.key, None)
+        return True
+
     async def _report(self, job: QueuedJob, outcome: JobOutcome) -> None:
         comp = job.comp
         comp.jobs.pop(job.key, None)

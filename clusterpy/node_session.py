@@ -40,6 +40,7 @@ class NodeServices(Protocol):
 
     def enqueue(self, job: "QueuedJob") -> None: ...
     async def cancel(self, job: "QueuedJob") -> None: ...
+    def recall(self, job: "QueuedJob") -> bool: ...
     async def close_computation(self, comp: "Computation", *, keep_files: bool) -> None: ...
     def orphan(self, comp: "Computation") -> None: ...
     def handle_other(self, session: "ClientSession", msg: object) -> None: ...
@@ -196,6 +197,13 @@ class ClientSession:
             job = comp.jobs.get(f"{msg.comp_id}/{msg.job_id}/{msg.attempt}") if comp else None
             if job is not None:
                 await self.node.cancel(job)
+        elif isinstance(msg, m.RecallJobs):
+            comp = self.comps.get(msg.comp_id)
+            given_back = tuple((job_id, attempt) for job_id, attempt in msg.jobs
+                               if comp is not None and (job := comp.jobs.get(f"{msg.comp_id}/{job_id}/{attempt}"))
+                               is not None and self.node.recall(job))
+            if given_back:
+                self.send(m.JobsRecalled(msg.comp_id, given_back))
         elif isinstance(msg, m.CloseComputation):
             comp = self.comps.pop(msg.comp_id, None)
             if comp is not None:

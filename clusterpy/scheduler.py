@@ -37,11 +37,13 @@ from .core.scheduler import (
     DeliverResult,
     DispatchJobs,
     JobReported,
+    JobsRecalled,
     JobsStarted,
     JobState,
     JobSubmitted,
     NodeJoined,
     NodeLost,
+    RecallJobs,
     ResolveJob,
     SchedulerCore,
 )
@@ -284,6 +286,9 @@ class SchedulerServer:
                     self._to_client(job.comp, _with_attempt(msg, job.request.attempt))
                 actions = actions[1:]
             self.execute(actions)
+        elif isinstance(msg, m.JobsRecalled):
+            recalled = tuple((f"{msg.comp_id}/{job_id}", attempt) for job_id, attempt in msg.jobs)
+            self.execute(self.core.handle(JobsRecalled(link.node_id, recalled)))
         elif isinstance(msg, m.JobsStarted):
             started = tuple((f"{msg.comp_id}/{s.job_id}", s.attempt) for s in msg.jobs)
             self.core.handle(JobsStarted(link.node_id, started))
@@ -320,6 +325,17 @@ class SchedulerServer:
                 if link is not None and job is not None:
                     self._flush()
                     link.send(m.CancelJob(job.comp.comp_id, job.request.job_id, action.attempt))
+            elif isinstance(action, RecallJobs):
+                link = self.by_node.get(action.node_id)
+                if link is None:
+                    continue
+                self._flush()
+                by_comp: dict[str, list[tuple[str, int]]] = {}
+                for key, attempt in action.jobs:
+                    if (held := self.jobs.get(key)) is not None:
+                        by_comp.setdefault(held.comp.comp_id, []).append((held.request.job_id, attempt))
+                for comp_id, jobs in by_comp.items():
+                    link.send(m.RecallJobs(comp_id, tuple(jobs)))
 
     def _dispatch(self, action: DispatchJobs) -> None:
         link = self.by_node[action.node_id]

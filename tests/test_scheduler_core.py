@@ -10,12 +10,14 @@ from clusterpy.core.scheduler import (
     DeliverResult,
     DispatchJobs,
     JobReported,
+    JobsRecalled,
     JobsStarted,
     JobState,
     JobSubmitted,
     NodeDistrusted,
     NodeJoined,
     NodeLost,
+    RecallJobs,
     ResolveJob,
     SchedulerCore,
 )
@@ -132,6 +134,8 @@ def test_simulation_every_job_resolved_exactly_once(seed):
     rng = random.Random(seed)
     core = SchedulerCore(prefetch=rng.randint(0, 2), reentrant=rng.random() < 0.5)
     inflight: dict[str, list[tuple[str, int]]] = {}
+    started: set[tuple[str, int]] = set()
+    recalls: list[tuple[str, tuple[str, int]]] = []
     ended: dict[str, int] = {}
     total, next_node = 300, 0
     submitted = 0
@@ -140,8 +144,23 @@ def test_simulation_every_job_resolved_exactly_once(seed):
         for a in actions:
             if isinstance(a, DispatchJobs):
                 inflight.setdefault(a.node_id, []).extend(a.jobs)
+            elif isinstance(a, RecallJobs):
+                recalls.extend((a.node_id, job) for job in a.jobs)
             elif isinstance(a, (DeliverResult, ResolveJob)):
                 ended[a.job_id] = ended.get(a.job_id, 0) + 1
+
+    def answer_recalls():
+        # The node gives back a job it has not started (or starts it first, by chance).
+        while recalls:
+            node, job = recalls.pop(rng.randrange(len(recalls)))
+            if node not in core.nodes or job not in inflight.get(node, []) or job in started:
+                continue
+            if rng.random() < 0.7:
+                inflight[node].remove(job)
+                apply(core.handle(JobsRecalled(node, (job,))))
+            else:
+                started.add(job)
+                apply(core.handle(JobsStarted(node, (job,))))
 
     for _ in range(5000):
         r = rng.random()
@@ -159,6 +178,14 @@ def test_simulation_every_job_resolved_exactly_once(seed):
                 apply(core.handle(JobReported(victim, job_id, attempt)))
         elif r < 0.3 and submitted:
             apply(core.handle(CancelRequested(f"j{rng.randrange(submitted)}")))
+        elif r < 0.45:
+            waiting = [(n, j) for n, js in inflight.items() if n in core.nodes for j in js if j not in started]
+            if waiting:
+                node, job = rng.choice(waiting)
+                started.add(job)
+                apply(core.handle(JobsStarted(node, (job,))))
+        elif r < 0.5:
+            answer_recalls()
         else:
             busy = [n for n, js in inflight.items() if js and n in core.nodes]
             if busy:
@@ -170,6 +197,7 @@ def test_simulation_every_job_resolved_exactly_once(seed):
             break
     # Drain: report everything still in flight on live nodes.
     while core.pending():
+        answer_recalls()
         if not core.nodes:
             apply(core.handle(NodeJoined(f"n{next_node}", 2)))
             next_node += 1
@@ -331,3 +359,51 @@ def test_resizing_a_node_changes_how_many_jobs_it_holds():
     assert core.inflight("n") == 0 and core.queued() == 1
     assert dispatched(core.handle(NodeResized("n", 2))) == [("n", ("j5", 1))]
     core.validate()
+
+
+def _busy_node_with_one_waiting_job(core):
+    """Node a (1 CPU, prefetch 1) runs j0 and holds j1 waiting behind it."""
+    core.handle(NodeJoined("a", 1))
+    assert dispatched(core.handle(JobSubmitted("j0")) + core.handle(JobSubmitted("j1"))) == [("a", ("j0", 1)), ("a", ("j1", 1))]
+    core.handle(JobsStarted("a", (("j0", 1),)))
+
+
+def test_an_idle_node_recalls_a_job_waiting_behind_a_busy_cpu():
+    core = SchedulerCore(prefetch=1)
+    _busy_node_with_one_waiting_job(core)
+    actions = core.handle(NodeJoined("b", 1))
+    assert actions == [RecallJobs("a", (("j1", 1),))]
+    core.validate()
+    # a gives it back unstarted: it runs on b, as a new attempt
+    assert dispatched(core.handle(JobsRecalled("a", (("j1", 1),)))) == [("b", ("j1", 2))]
+    core.validate()
+    assert core.handle(JobReported("a", "j1", 1)) == []  # a stale report of the old attempt
+    assert DeliverResult("j1", 2) in core.handle(JobReported("b", "j1", 2))
+    assert DeliverResult("j0", 1) in core.handle(JobReported("a", "j0", 1))
+    core.validate()
+    assert core.pending() == 0
+
+
+def test_a_recalled_job_the_node_already_started_just_runs_there():
+    core = SchedulerCore(prefetch=1)
+    _busy_node_with_one_waiting_job(core)
+    core.handle(NodeJoined("b", 1))
+    core.handle(JobsStarted("a", (("j1", 1),)))  # a started it before the recall arrived
+    core.validate()
+    assert core.handle(JobsRecalled("a", (("j1", 1),))) == []  # cannot happen, but harmless
+    assert DeliverResult("j1", 1) in core.handle(JobReported("a", "j1", 1))
+    core.validate()
+
+
+def test_no_recall_while_jobs_are_queued_or_when_the_cpus_are_free():
+    core = SchedulerCore(prefetch=1)
+    _busy_node_with_one_waiting_job(core)
+    core.handle(JobSubmitted("j2"))  # queued: b will get it instead of stealing
+    assert dispatched(core.handle(NodeJoined("b", 1))) == [("b", ("j2", 1))]
+    other = SchedulerCore(prefetch=1)
+    other.handle(NodeJoined("a", 2))
+    for i in range(3):
+        other.handle(JobSubmitted(f"j{i}"))
+    other.handle(JobsStarted("a", (("j0", 1),)))  # one CPU of a is still free for j1, j2
+    assert other.handle(NodeJoined("b", 1)) == []
+    assert SchedulerCore(prefetch=1, steal=False).handle(NodeJoined("x", 1)) == []

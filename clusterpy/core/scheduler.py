@@ -17,6 +17,12 @@ never wait for a network round trip; free slots are handed out round-robin over 
 that have them, which is O(1) per decision whatever the number of nodes or queued jobs.
 Each dispatch carries an attempt number; a report for an attempt that is no longer current
 (a node that came back after its jobs were moved) is discarded, so each job is resolved once.
+
+Work stealing: prefetched jobs wait in a node's queue behind the ones running. Once the global
+queue is empty, a node with an idle CPU recalls (:class:`RecallJobs`) jobs still waiting on a
+node whose CPUs are all busy; jobs the node gives back unstarted (:class:`JobsRecalled`) run
+on the idle node, so a slow job never holds back the jobs queued behind it. A node that has
+already started a recalled job just runs it (its JobsStarted ends the recall).
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ __all__ = [
     "CancelRequested",
     "NodeDistrusted",
     "NodeResized",
+    "JobsRecalled",
     "DispatchJobs",
+    "RecallJobs",
     "CancelOnNode",
     "DeliverResult",
     "ResolveJob",
@@ -56,6 +64,9 @@ class JobState(enum.Enum):
     CANCELLED = "cancelled"
     ABANDONED = "abandoned"
 
+
+# Added to the speed of a free node with an idle CPU: far above any speed score.
+_IDLE_FIRST = 1e12
 
 _TERMINAL = frozenset({JobState.DONE, JobState.CANCELLED, JobState.ABANDONED})
 
@@ -152,8 +163,16 @@ class NodeResized:
     cpus: int
 
 
+@dataclass(frozen=True, slots=True)
+class JobsRecalled:
+    """The node gave back these jobs (answering :class:`RecallJobs`) without starting them."""
+
+    node_id: str
+    jobs: tuple[tuple[str, int], ...]  # (job_id, attempt)
+
+
 Event = (NodeJoined | NodeLost | JobSubmitted | JobsStarted | JobReported | CancelRequested | NodeDistrusted
-         | NodeResized)
+         | NodeResized | JobsRecalled)
 
 
 # ---------------------------------------------------------------- actions (commands)
@@ -173,6 +192,14 @@ class CancelOnNode:
 
 
 @dataclass(frozen=True, slots=True)
+class RecallJobs:
+    """Ask the node to give back these jobs if it has not started them (JobsRecalled)."""
+
+    node_id: str
+    jobs: tuple[tuple[str, int], ...]  # (job_id, attempt)
+
+
+@dataclass(frozen=True, slots=True)
 class DeliverResult:
     """The report for the current attempt: hand its outcome to the caller."""
 
@@ -189,7 +216,7 @@ class ResolveJob:
     reason: str
 
 
-Action = DispatchJobs | CancelOnNode | DeliverResult | ResolveJob
+Action = DispatchJobs | CancelOnNode | RecallJobs | DeliverResult | ResolveJob
 
 
 # ---------------------------------------------------------------- state
@@ -208,6 +235,7 @@ class _Job:
     attempt: int = 0
     failures: int = 0  # nodes lost / workers killed while running this job
     cancel_requested: bool = False
+    recalled_by: str | None = None  # the idle node a recall of this (SENT) job is for
 
 
 @dataclass(slots=True)
@@ -219,6 +247,8 @@ class _Node:
     pinned_queue: deque[str] = field(default_factory=deque)
     jobs_done: int = 0
     distrusted: bool = False
+    running: int = 0  # inflight jobs the node reported started
+    awaiting: int = 0  # jobs recalled for this node, not given back (or started) yet
 
 
 class SchedulerCore:
@@ -229,13 +259,18 @@ class SchedulerCore:
         reentrant: default for jobs on a lost node: resubmit (True) or abandon (False).
         allowed_failures: a job whose attempts were lost this many times is abandoned
             instead of being resubmitted again (a poison job must not kill every node).
+        steal: recall jobs waiting behind busy CPUs for nodes with idle ones (see above).
     """
 
     #: How many queued jobs a node may pass over (they exclude it) looking for one it can run.
     SCAN = 64
+    #: How many nodes one event may look at for work stealing.
+    STEAL_SCAN = 64
 
-    def __init__(self, *, prefetch: int = 1, reentrant: bool = False, allowed_failures: int = 3) -> None:
+    def __init__(self, *, prefetch: int = 1, reentrant: bool = False, allowed_failures: int = 3,
+                 steal: bool = True) -> None:
         self.prefetch = prefetch
+        self.steal = steal
         self.reentrant = reentrant
         self.allowed_failures = allowed_failures
         self._jobs: dict[str, _Job] = {}
@@ -246,6 +281,8 @@ class SchedulerCore:
         self._group_nodes: dict[str, set[str]] = {}  # group -> nodes that ran one of its jobs
         self._group_size: dict[str, int] = {}  # group -> its unfinished jobs
         self._constrained = 0  # queued jobs with an exclude set or a group
+        self._ring: list[str] = []  # node ids, for bounded work-stealing scans
+        self._ring_cursor = 0
 
     # ------------------------------------------------------------ queries
 
@@ -302,6 +339,8 @@ class SchedulerCore:
             return self._on_distrusted(event)
         if isinstance(event, NodeResized):
             return self._on_resized(event)
+        if isinstance(event, JobsRecalled):
+            return self._on_recalled(event)
         raise TypeError(f"not a scheduler event: {event!r}")
 
     def _on_submitted(self, ev: JobSubmitted) -> list[Action]:
@@ -327,7 +366,29 @@ class SchedulerCore:
             job = self._jobs.get(job_id)
             if job is not None and job.attempt == attempt and job.node_id == ev.node_id and job.state is JobState.SENT:
                 self._move(job, JobState.RUNNING)
-        return []
+        node = self._nodes.get(ev.node_id)
+        if not self.steal or self._queue or node is None or node.running < node.cpus \
+                or node.running >= len(node.inflight):
+            return []
+        # Its CPUs are now all busy with jobs waiting behind them: an idle node may take those.
+        actions: list[Action] = []
+        for thief in self._some_nodes():
+            if thief is not node and thief.cpus - len(thief.inflight) - thief.awaiting > 0:
+                actions.extend(self._steal_for(thief))
+        return actions
+
+    def _some_nodes(self) -> list[_Node]:
+        """Up to STEAL_SCAN nodes, a different slice each call: stealing looks at a bounded
+        number of nodes per event, so its cost does not grow with the cluster."""
+        ring = self._ring
+        if len(ring) <= self.STEAL_SCAN:
+            return [self._nodes[n] for n in ring]
+        start = self._ring_cursor % len(ring)
+        self._ring_cursor = start + self.STEAL_SCAN
+        ids = ring[start : start + self.STEAL_SCAN]
+        if len(ids) < self.STEAL_SCAN:
+            ids += ring[: self.STEAL_SCAN - len(ids)]
+        return [self._nodes[n] for n in ids]
 
     def _on_reported(self, ev: JobReported) -> list[Action]:
         job = self._jobs.get(ev.job_id)
@@ -341,10 +402,10 @@ class SchedulerCore:
         if ev.worker_died and not job.cancel_requested:
             job.failures += 1
             if job.reentrant and job.pinned is None and job.failures < self.allowed_failures:
+                self._move(job, JobState.QUEUED)
                 if node is not None:
                     node.inflight.pop(job.job_id, None)
                 job.node_id = None
-                self._move(job, JobState.QUEUED)
                 self._enqueue(job, front=True)
                 retried = self._place_queued()
                 if node is not None:
@@ -355,6 +416,7 @@ class SchedulerCore:
         if node is not None:
             node.jobs_done += 1
             actions.extend(self._fill(node))
+            actions.extend(self._steal_for(node))
         return actions
 
     def _on_node_joined(self, ev: NodeJoined) -> list[Action]:
@@ -363,13 +425,15 @@ class SchedulerCore:
         cpus = max(1, ev.cpus)
         node = _Node(ev.node_id, cpus, cpus + max(0, self.prefetch) * cpus)
         self._nodes[ev.node_id] = node
+        self._ring.append(ev.node_id)
         self.speeds.add_node(ev.node_id, ev.speed)
-        return self._fill(node)
+        return self._fill(node) + self._steal_for(node)
 
     def _on_node_lost(self, ev: NodeLost) -> list[Action]:
         node = self._nodes.pop(ev.node_id, None)
         if node is None:
             return []
+        self._ring.remove(ev.node_id)
         self._free.discard(ev.node_id)
         self.speeds.remove_node(ev.node_id)
         actions: list[Action] = []
@@ -439,6 +503,58 @@ class SchedulerCore:
         assert job.node_id is not None
         return [CancelOnNode(job.node_id, job.job_id, job.attempt)]
 
+    def _on_recalled(self, ev: JobsRecalled) -> list[Action]:
+        node = self._nodes.get(ev.node_id)
+        thieves: list[_Node] = []
+        back: list[_Job] = []
+        for job_id, attempt in ev.jobs:
+            job = self._jobs.get(job_id)
+            if job is None or job.attempt != attempt or job.node_id != ev.node_id or job.state is not JobState.SENT:
+                continue  # stale: it moved on meanwhile
+            thief = self._nodes.get(job.recalled_by or "")
+            if thief is not None:
+                thieves.append(thief)
+            if node is not None:
+                node.inflight.pop(job_id, None)
+            job.node_id = None
+            self._move(job, JobState.QUEUED)
+            back.append(job)
+        for job in reversed(back):
+            self._enqueue(job, front=True)
+        actions: list[Action] = []
+        for thief in thieves:  # the nodes they were recalled for get them first
+            if self._queue and thief.node_id in self._nodes:
+                actions.extend(self._fill(thief))
+        actions.extend(self._place_queued())
+        return actions
+
+    def _steal_for(self, thief: _Node) -> list[Action]:
+        """Recall jobs waiting behind busy CPUs elsewhere for ``thief``'s idle CPUs, once no
+        queued job is left to give it."""
+        idle = thief.cpus - len(thief.inflight) - thief.awaiting
+        if not self.steal or idle <= 0 or self._queue or thief.distrusted:
+            return []
+        actions: list[Action] = []
+        for victim in self._some_nodes():
+            if victim is thief or victim.running < victim.cpus or victim.running >= len(victim.inflight):
+                continue  # it has no job waiting behind busy CPUs
+            batch: list[tuple[str, int]] = []
+            for job_id in reversed(victim.inflight):  # the last sent waits longest
+                job = self._jobs[job_id]
+                if job.state is JobState.SENT and job.recalled_by is None and job.pinned is None \
+                        and not job.cancel_requested and self._may_run(job, thief):
+                    job.recalled_by = thief.node_id
+                    thief.awaiting += 1
+                    batch.append((job_id, job.attempt))
+                    idle -= 1
+                    if not idle:
+                        break
+            if batch:
+                actions.append(RecallJobs(victim.node_id, tuple(batch)))
+            if not idle:
+                break
+        return actions
+
     # ------------------------------------------------------------ helpers
 
     @staticmethod
@@ -458,9 +574,19 @@ class SchedulerCore:
         return job.group is None or node.node_id not in self._group_nodes.get(job.group, ())
 
     def _move(self, job: _Job, state: JobState) -> None:
-        if state not in _TRANSITIONS[job.state]:
-            raise RuntimeError(f"job {job.job_id}: illegal transition {job.state.value} -> {state.value}")
+        old = job.state
+        if state not in _TRANSITIONS[old]:
+            raise RuntimeError(f"job {job.job_id}: illegal transition {old.value} -> {state.value}")
         job.state = state
+        if old is JobState.RUNNING or state is JobState.RUNNING:
+            node = self._nodes.get(job.node_id or "")
+            if node is not None:
+                node.running += 1 if state is JobState.RUNNING else -1
+        if job.recalled_by is not None:  # it left SENT: the recall is over, whatever its answer
+            thief = self._nodes.get(job.recalled_by)
+            if thief is not None:
+                thief.awaiting -= 1
+            job.recalled_by = None
 
     def _finish(self, job: _Job, state: JobState) -> None:
         self._move(job, state)
@@ -481,19 +607,32 @@ class SchedulerCore:
         passed_over: list[str] = []  # free nodes that can run none of the queued jobs
         while self._queue and self._free:
             node = self._nodes[self._free.pop()]
-            dispatched = self._fill(node, keep_free=False)
+            # Idle CPUs rank first (see _rank): fill those, and prefetch only after every
+            # idle CPU got a job, so a few jobs spread over the nodes instead of queueing on one.
+            idle = len(node.inflight) < node.cpus
+            dispatched = self._fill(node, keep_free=False, cap=node.cpus if idle else node.limit)
             actions.extend(dispatched)
             if len(node.inflight) < node.limit:
-                passed_over.append(node.node_id)
+                if dispatched and idle:
+                    self._free.add(node.node_id, self._rank(node))  # again, for its prefetch slots
+                else:
+                    passed_over.append(node.node_id)
         for node_id in passed_over:
-            self._free.add(node_id, self.speeds.speed(node_id))
+            self._free.add(node_id, self._rank(self._nodes[node_id]))
         return actions
 
-    def _fill(self, node: _Node, *, keep_free: bool = True) -> list[Action]:
-        """Send this node as many jobs as it has free slots for; remember it if room is left."""
+    def _rank(self, node: _Node) -> float:
+        """A free node's place in line: nodes with an idle CPU first, then by speed."""
+        speed = self.speeds.speed(node.node_id)
+        return speed + _IDLE_FIRST if len(node.inflight) < node.cpus else speed
+
+    def _fill(self, node: _Node, *, keep_free: bool = True, cap: int | None = None) -> list[Action]:
+        """Send this node as many jobs as it has free slots for (up to ``cap`` in flight);
+        remember it if room is left."""
         batch: list[tuple[str, int]] = []
         skipped: list[_Job] = []
-        while len(node.inflight) < node.limit:
+        limit = node.limit if cap is None else min(cap, node.limit)
+        while len(node.inflight) < limit:
             if node.pinned_queue:
                 job = self._jobs[node.pinned_queue.popleft()]
             elif self._queue and len(skipped) < self.SCAN:
@@ -514,7 +653,7 @@ class SchedulerCore:
         for job in reversed(skipped):
             self._enqueue(job, front=True)
         if keep_free and len(node.inflight) < node.limit:
-            self._free.add(node.node_id, self.speeds.speed(node.node_id))
+            self._free.add(node.node_id, self._rank(node))
         else:
             self._free.discard(node.node_id)
         return [DispatchJobs(node.node_id, tuple(batch))] if batch else []
@@ -540,10 +679,18 @@ class SchedulerCore:
             constrained += self._is_constrained(job)
             seen.add(job_id)
         assert constrained == self._constrained, (constrained, self._constrained)
+        awaiting: dict[str, int] = {}
         for job in self._jobs.values():
             if job.state is JobState.QUEUED and job.pinned is None:
                 assert job.job_id in seen, job
             assert job.state not in _TERMINAL
+            if job.recalled_by is not None:
+                assert job.state is JobState.SENT, job
+                awaiting[job.recalled_by] = awaiting.get(job.recalled_by, 0) + 1
+        for node in self._nodes.values():
+            running = sum(self._jobs[j].state is JobState.RUNNING for j in node.inflight)
+            assert node.running == running, (node.node_id, node.running, running)
+            assert node.awaiting == awaiting.get(node.node_id, 0), (node.node_id, node.awaiting)
         for node_id in self._free:
             node = self._nodes[node_id]
             assert len(node.inflight) < node.limit and not node.distrusted

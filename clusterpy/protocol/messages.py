@@ -17,6 +17,8 @@ Flow for one computation::
                                           <- JobProgress, JobFile ... (while a job runs)
                                           <- JobDone (one per job, as they end)
       CancelJob ->
+      RecallJobs ->                       (work stealing: jobs not started yet)
+                                          <- JobsRecalled (those given back unstarted)
       AddFiles(files manifest) ->         (scatter: files for a ready computation)
                                           <- FilesNeeded; FileChunk ... ->; <- FilesAdded
       CloseComputation ->
@@ -46,6 +48,8 @@ __all__ = [
     "JobProgress",
     "JobFile",
     "CancelJob",
+    "RecallJobs",
+    "JobsRecalled",
     "AddFiles",
     "FilesAdded",
     "AttachComputation",
@@ -198,6 +202,21 @@ class CancelJob:
 
 
 @dataclass(frozen=True, slots=True)
+class RecallJobs:
+    """Give back these jobs if they have not started (work stealing); the node answers with
+    JobsRecalled for those it gave back and runs the others as usual."""
+
+    comp_id: str
+    jobs: tuple[tuple[str, int], ...]  # (job_id, attempt)
+
+
+@dataclass(frozen=True, slots=True)
+class JobsRecalled:
+    comp_id: str
+    jobs: tuple[tuple[str, int], ...]  # (job_id, attempt), removed from the node unstarted
+
+
+@dataclass(frozen=True, slots=True)
 class AddFiles:
     """Add files to a ready computation (``cluster.scatter``). The node answers
     :class:`FilesNeeded` (the hashes it lacks: :class:`FileChunk` s follow for those), then
@@ -302,6 +321,8 @@ Message = (
     | JobProgress
     | JobFile
     | CancelJob
+    | RecallJobs
+    | JobsRecalled
     | AddFiles
     | FilesAdded
     | AttachComputation
@@ -333,6 +354,8 @@ MESSAGE_TYPES: dict[str, type] = {
         JobProgress,
         JobFile,
         CancelJob,
+        RecallJobs,
+        JobsRecalled,
         AddFiles,
         FilesAdded,
         AttachComputation,
