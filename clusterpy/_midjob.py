@@ -37,6 +37,7 @@ log = logging.getLogger("clusterpy.client")
 
 def snapshot(job: ClusterJob) -> ClusterJob:
     """A shallow copy of ``job`` (same future: calling it still waits for the final result)."""
+    job.future  # made now if it was not (jobs make it lazily), so that the copy shares it
     copy = object.__new__(ClusterJob)
     for name in ClusterJob.__slots__:
         if name != "__weakref__" and hasattr(job, name):

@@ -22,6 +22,7 @@ from .core.scheduler import (
     DeliverResult,
     DispatchJobs,
     JobReported,
+    JobsRecalled,
     JobsStarted,
     JobState,
     JobSubmitted,
@@ -29,6 +30,7 @@ from .core.scheduler import (
     NodeJoined,
     NodeLost,
     NodeResized,
+    RecallJobs,
     ResolveJob,
     SchedulerCore,
 )
@@ -118,7 +120,22 @@ class _NodeLink(NodeLink):
         self.send(m.CloseComputation(self.runtime.comp_id))
         super().stop(reason)
 
+    def queue_job(self, request: m.JobRequest) -> None:
+        """Add a job to this loop turn's SubmitJobs batch for the node: it is encoded and sent
+        just before the connection's end-of-turn write (``Connection.before_flush``), so the
+        jobs dispatched in one turn travel in one message, with no extra loop iteration."""
+        if not self.pending_submit:
+            conn = self.conn
+            if conn is None or conn.closed:
+                return  # the link is going down: the core moves or abandons its jobs
+            try:
+                conn.before_flush(self.flush)
+            except ClusterError:
+                return
+        self.pending_submit.append(request)
+
     def flush(self) -> None:
+        """Send the pending batch now (also before a message that must follow it)."""
         if self.pending_submit and self.conn is not None and not self.conn.closed:
             self.conn.send(codec.encode(m.SubmitJobs(self.runtime.comp_id, tuple(self.pending_submit))))
         self.pending_submit.clear()
@@ -139,7 +156,7 @@ class _Runtime:
         self.deploy_message = cluster._deploy_message
         self.dependencies = cluster._dependencies
         self.core = SchedulerCore(prefetch=cluster.prefetch, reentrant=cluster.reentrant,
-                                  allowed_failures=cluster.allowed_failures)
+                                  allowed_failures=cluster.allowed_failures, steal=cluster.work_stealing)
         self.jobs: dict[str, tuple[ClusterJob, bytes, float | None]] = {}
         # Statistics, provisional results and files, and trust (verify=, replicas=): stats.py,
         # _midjob.py, _trust_shell.py.
@@ -150,8 +167,7 @@ class _Runtime:
         self.by_node: dict[str, _NodeLink] = {}
         self.closing = False
         self.tasks: set[asyncio.Task[Any]] = set()
-        self._flush_scheduled = False
-        self._dirty: set[_NodeLink] = set()
+        self.queue = cluster._queue  # clusterpy._submit.SubmitQueue: admissions of jobs not yet dispatched
         self.local_node: Any = None
         self.discovery: Any = None  # transport.udp.DiscoveryClient when discovering
         self._local_start: asyncio.Future[int] | None = None
@@ -306,15 +322,19 @@ class _Runtime:
         for action in actions:
             if isinstance(action, DispatchJobs):
                 link = self.by_node[action.node_id]
+                cpus = self.cluster.cpus_per_job
+                dequeued = 0
                 for job_id, attempt in action.jobs:
                     _job, args, timeout = self.jobs[job_id]
+                    if _job._queued:  # its first dispatch: it no longer counts against max_queued
+                        _job._queued = False
+                        dequeued += 1
                     self.stats.dispatched(action.node_id, _job._key, len(args))
-                    link.pending_submit.append(m.JobRequest(job_id, attempt, args, timeout, self.cluster.cpus_per_job))
-                    self.record("dispatch", job_id, action.node_id, attempt)
-                self._dirty.add(link)
-                if not self._flush_scheduled:
-                    self._flush_scheduled = True
-                    asyncio.get_running_loop().call_soon(self._flush)
+                    link.queue_job(m.JobRequest(job_id, attempt, args, timeout, cpus))
+                    if self.journal is not None:
+                        self.record("dispatch", job_id, action.node_id, attempt)
+                if dequeued:
+                    self.queue.release(dequeued)
             elif isinstance(action, ResolveJob):
                 entry = self.jobs.get(action.job_id)
                 if entry is None:  # already resolved (a replica the trust layer settled, a cancel)
@@ -337,21 +357,34 @@ class _Runtime:
                 if link is not None:
                     link.flush()
                     link.send(m.CancelJob(self.comp_id, action.job_id, action.attempt))
+            elif isinstance(action, RecallJobs):
+                link = self.by_node.get(action.node_id)
+                if link is not None:
+                    link.flush()
+                    link.send(m.RecallJobs(self.comp_id, action.jobs))
             elif isinstance(action, DeliverResult):
                 pass  # handled by the caller, which holds the report
             else:  # pragma: no cover - a new action type must be handled here
                 raise TypeError(action)
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        for link in self._dirty:
-            link.flush()
-        self._dirty.clear()
+    def deliver(self, items: list[tuple[Any, ...]]) -> None:
+        """A batch of submissions from user threads (JobCluster._submit_admitted), in order."""
+        for job, blob, timeout, node, upstream in items:
+            try:
+                if upstream is not None:
+                    self.dependents.hold(job, upstream, timeout, node)
+                else:
+                    self.submit(job, blob, timeout, node)
+            except Exception as exc:  # a bug of ours: fail this job loudly, keep the others
+                log.exception("could not submit job %r", job.id)
+                if not job.done():
+                    self.finish(job, JobStatus.Terminated, exc=ClusterError(f"job {job.id!r} could not be submitted: {exc!r}"))
 
     def submit(self, job: ClusterJob, args: bytes, timeout: float | None, node: str | None) -> None:
         self.jobs[job._key] = (job, args, timeout)
         self.idle.clear()
-        self.record("submit", job._key, job.id, args, timeout)
+        if self.journal is not None:
+            self.record("submit", job._key, job.id, args, timeout)
         self.stats.submitted(job._key, job.id, job.submit_time, len(args))
         if self.trust is not None and node is None:  # verify / replicas (a pinned job is not re-run elsewhere)
             self.trust.submit(job, args, timeout)
@@ -394,6 +427,7 @@ class _Runtime:
         self.cluster._node_changed(link, True)
 
     def link_lost(self, link: _NodeLink, reason: str) -> None:
+        link.pending_submit.clear()  # never sent: the core moves or abandons those jobs below
         self.scatter.link_lost(link)
         if link.node_id is not None and self.by_node.get(link.node_id) is link:
             del self.by_node[link.node_id]
@@ -456,13 +490,14 @@ class _Runtime:
             for s in msg.jobs:
                 entry = self.jobs.get(s.job_id)
                 if entry is not None and entry[0].status is JobStatus.Created:
-                    entry[0].status = JobStatus.Running
-                    entry[0].start_time = s.start_time
-                    entry[0].ip_addr = link.ip_addr
-                    future = entry[0]._future
-                    if not future.done() and not future.running():
-                        future.set_running_or_notify_cancel()  # Future.cancel() now returns False
-                    self.cluster._job_started(entry[0], link)
+                    job = entry[0]
+                    job.status = JobStatus.Running
+                    job.start_time = s.start_time
+                    job.ip_addr = link.ip_addr
+                    job._set_running()  # its future, if any, is running: Future.cancel() now returns False
+                    self.cluster._job_started(job, link)
+        elif isinstance(msg, m.JobsRecalled):
+            self.execute(self.core.handle(JobsRecalled(link.node_id, msg.jobs)))
         elif isinstance(msg, m.Ping):
             link.send(m.Pong(msg.sent))
         elif isinstance(msg, m.Pong):
@@ -504,7 +539,8 @@ class _Runtime:
             self.trust.on_done(link, msg)  # one replica's report: the trust core decides
             self.execute(actions[1:])
             return
-        self.record("done", msg.job_id, link.node_id, msg)
+        if self.journal is not None:
+            self.record("done", msg.job_id, link.node_id, msg)
         status, result, exc = apply_report(job, msg, ip_addr=link.ip_addr, node_id=link.node_id,
                                            hostname=link.hostname, where=f"on node {link.name}")
         self.finish(job, status, result=None if result is DROPPED else result, exc=exc)
@@ -512,15 +548,12 @@ class _Runtime:
 
     def finish(self, job: ClusterJob, status: JobStatus, *, result: Any = None, exc: BaseException | None = None) -> None:
         self.jobs.pop(job._key, None)
-        job.status = status
+        if job._queued:  # ended before any dispatch (cancelled, failed upstream, no usable node)
+            job._queued = False
+            self.queue.release(1)
         if job.end_time is None:
             job.end_time = time.time()
-        job.result, job.exception = result, exc
-        if not job._future.done():
-            if exc is None:
-                job._future.set_result(result)
-            else:
-                job._future.set_exception(exc)
+        job._end(status, result, exc)
         self.history.add(job_ended(job), time.monotonic())
         self.stats.finished(job._key, status.value, job.node_id, job.start_time, job.end_time)
         self.cluster._job_done(job)

@@ -4,12 +4,14 @@
 
     user thread                     cluster loop thread (asyncio)
     -----------                     -----------------------------------------------
-    submit(*args) --pickle args-->  _Runtime.submit -> SchedulerCore.handle(JobSubmitted)
+    submit(*args) --pickle args-->  SubmitQueue (blocks at max_queued; one wake-up per batch)
+                                    _Runtime.submit -> SchedulerCore.handle(JobSubmitted)
                                         actions -> DispatchJobs -> batched SubmitJobs per node
-    job() <-- concurrent Future --  _NodeLink (one authenticated Connection per node)
+                                        (dispatched: the job leaves the SubmitQueue's count)
+    job() <-- JobSync (parked) ---  _NodeLink (one authenticated Connection per node)
                                         JobDone -> SchedulerCore.handle(JobReported)
-                                        DeliverResult -> unpickle, resolve the job's future
-                                        callback(job) on the callback thread
+                                        DeliverResult -> unpickle, job._end() wakes the threads
+                                        waiting for it; callback(job) on the callback thread
 
 The event loop runs in a background thread so that plain scripts work; asyncio programs use
 the same object with ``await job`` and ``async with``. ``_Runtime`` and ``_NodeLink`` (the
@@ -25,6 +27,7 @@ import os
 import threading
 import time
 import uuid
+from types import EllipsisType
 from typing import Any, Callable, Iterable, Iterator
 
 import cloudpickle
@@ -43,7 +46,7 @@ from .identity import DEFAULT_NODE_PORT
 from .dataflow import find_upstream
 from .journal import JournalWriter
 from .monitor import ClusterSource, parse_monitor, require_aiohttp, start_monitor
-from .job import ClusterJob
+from .job import ClusterJob, JobStatus, JobSync
 from .progress import DROPPED
 from .stats import ClusterStats
 from .protocol import messages as m
@@ -51,6 +54,7 @@ from .secret import load_secret
 from .discovery import DEFAULT_RELAY_PORT, DiscoveryKey, plan_nodes
 from ._byvalue import pickle_by_value_if_local as _pickle_by_value_if_local
 from ._runtime import _NodeLink, _Runtime, _parse_node, _trust_options
+from ._submit import DEFAULT_MAX_QUEUED, SubmitQueue, check_max_queued, check_submit_timeout
 
 __all__ = ["JobCluster"]
 
@@ -88,6 +92,15 @@ class JobCluster:
             ``clusterpy.recover_jobs(recover_file)`` collects the jobs' results. Removed on a
             clean close.
         prefetch: jobs sent ahead per CPU to hide the network round trip.
+        work_stealing: once no job is left to dispatch, a node with an idle CPU takes back the
+            jobs sent ahead to a node whose CPUs are all busy (if that node has not started
+            them), so a slow job never holds back the jobs queued behind it.
+        max_queued: backpressure: at most this many jobs wait to be dispatched (submitted, not
+            yet sent to a node); at the bound, ``submit()`` blocks until dispatching makes room
+            (``submit_async`` awaits). None: no bound. A submission from the cluster's
+            event-loop thread (a future's done callback) is never blocked. See docs/GUARANTEES.md.
+        submit_timeout: how long ``submit()`` may wait for room (None: as long as it takes;
+            0: not at all); then it raises QueueFullError and the job is not submitted.
         cpus_per_job: CPUs each job occupies on its node (a node with fewer runs it alone).
         dest_path: one directory name: the computation's files go to, and its jobs run in,
             that directory under each node's dest path, kept after the cluster closes
@@ -163,6 +176,9 @@ class JobCluster:
         allowed_failures: int = 3,
         timeout: float | None = None,
         prefetch: int = 1,
+        work_stealing: bool = True,
+        max_queued: int | None = DEFAULT_MAX_QUEUED,
+        submit_timeout: float | None = None,
         keep_files: bool = False,
         cpus_per_job: int = 1,
         dest_path: str | None = None,
@@ -215,6 +231,12 @@ class JobCluster:
         self.allowed_failures = allowed_failures
         self.default_timeout = timeout
         self.prefetch = prefetch
+        self.work_stealing = work_stealing
+        try:
+            self.max_queued = check_max_queued(max_queued)
+            self.submit_timeout = check_submit_timeout(submit_timeout)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
         self.connect_timeout = connect_timeout
         if pulse_interval <= 0:
             raise ConfigurationError("pulse_interval must be positive")
@@ -240,8 +262,6 @@ class JobCluster:
         self._stop_generation = 0  # cluster.stop() calls so far (a map in progress stops submitting)
         self._comp_id = f"c{uuid.uuid4().hex}"
         self._closed = False
-        self._jobs_submitted = 0
-        self._jobs_lock = threading.Lock()
         self._callbacks = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="clusterpy-callback") if callback else None
         self._dependencies, self._deploy_message = self._package(computation, depends, setup, setup_args, cleanup, keep_files)
         self._journal = None
@@ -249,6 +269,8 @@ class JobCluster:
             self._journal = JournalWriter(recover_file, self._secret, comp_id=self._comp_id,
                                           computation=self.computation_name)
         self._loop = asyncio.new_event_loop()
+        self._sync = JobSync()  # completion of this cluster's jobs (clusterpy.job)
+        self._queue = SubmitQueue(self._loop, self._deliver, self.max_queued)
         self._thread = threading.Thread(target=self._run_loop, name="clusterpy-loop", daemon=True)
         self._thread.start()
         self._rt: _Runtime = self._call(self._make_runtime)
@@ -307,7 +329,17 @@ class JobCluster:
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
+        self._queue.bind_loop_thread()
         self._loop.run_forever()
+
+    def _deliver(self, items: list[tuple[Any, ...]]) -> None:
+        """A batch of submissions reaches the loop thread (from :class:`SubmitQueue`)."""
+        self._rt.deliver(items)
+
+    def _orphaned(self, items: list[tuple[Any, ...]]) -> None:
+        """Submissions the loop can no longer take (it stopped under them): end their jobs."""
+        for item in items:
+            item[0]._end(JobStatus.Cancelled, exc=ClusterClosedError("the cluster closed before the job could run"))
 
     def _make_runtime(self) -> _Runtime:
         return _Runtime(self)
@@ -345,10 +377,16 @@ class JobCluster:
     # ---------------------------------------------------------------- public API
 
     def submit(self, *args: Any, **kwargs: Any) -> ClusterJob:
-        """Submit one job with these arguments; returns at once with the job.
+        """Submit one job with these arguments; returns the job.
 
+        Returns at once, unless ``max_queued`` jobs are waiting to be dispatched: then it
+        blocks until there is room (backpressure), up to ``submit_timeout`` seconds.
         ``timeout=`` here is not passed to the computation: use :meth:`submit_job` to give
-        per-job options. Raises ClusterClosedError after :meth:`close`.
+        per-job options.
+
+        Raises:
+            ClusterClosedError: the cluster is closed (also to a submit blocked when it closes).
+            QueueFullError: ``submit_timeout`` passed with no room.
         """
         return self.submit_job(args, kwargs)
 
@@ -357,33 +395,63 @@ class JobCluster:
         return self.submit_job(args, kwargs, node=node)
 
     def submit_job(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
-                   timeout: float | None = None, node: str | None = None, job_id: Any = None) -> ClusterJob:
-        """Submit a job with explicit options: ``timeout`` (seconds), ``node``, ``job_id``."""
+                   timeout: float | None = None, node: str | None = None, job_id: Any = None,
+                   submit_timeout: float | None | EllipsisType = ...) -> ClusterJob:
+        """Submit a job with explicit options: ``timeout`` (seconds the job may run), ``node``,
+        ``job_id``, and ``submit_timeout`` (seconds this call may wait for room under
+        ``max_queued``; default: the cluster's ``submit_timeout``; 0: do not wait).
+
+        Raises:
+            ClusterClosedError, QueueFullError: as :meth:`submit`.
+            ClusterError: the arguments cannot be pickled.
+        """
         if self._closed:
             raise ClusterClosedError("this cluster is closed; create a new JobCluster to submit jobs")
-        kwargs = kwargs or {}
-        job = ClusterJob(self, args, kwargs, time.time())
-        if job_id is not None:
-            job.id = job_id
-        limit = timeout if timeout is not None else self.default_timeout
+        wait = self.submit_timeout if submit_timeout is ... else check_submit_timeout(submit_timeout)
+        self._queue.admit(wait)
+        return self._submit_admitted(args, kwargs, timeout, node, job_id)
+
+    def _submit_admitted(self, args: tuple[Any, ...], kwargs: dict[str, Any] | None, timeout: float | None = None,
+                         node: str | None = None, job_id: Any = None) -> ClusterJob:
+        """Make the job and hand it to the loop; the caller holds one admission of the
+        SubmitQueue, which this gives back if the job cannot be submitted."""
         try:
-            blob = cloudpickle.dumps((args, kwargs), protocol=5)
-        except Exception as exc:
-            upstream = find_upstream(args, kwargs)  # jobs or futures as arguments: dataflow
-            if not upstream:
-                raise ClusterError(f"the arguments of job {job.id!r} cannot be pickled: {exc!r}") from exc
-            with self._jobs_lock:
-                self._jobs_submitted += 1
-            self._loop.call_soon_threadsafe(self._rt.dependents.hold, job, upstream, limit, node)
-            return job
-        with self._jobs_lock:
-            self._jobs_submitted += 1
-        self._loop.call_soon_threadsafe(self._rt.submit, job, blob, limit, node)
+            kwargs = kwargs or {}
+            job = ClusterJob(self, args, kwargs, time.time())
+            if job_id is not None:
+                job.id = job_id
+            limit = timeout if timeout is not None else self.default_timeout
+            upstream = None
+            try:
+                blob = cloudpickle.dumps((args, kwargs), protocol=5)
+            except Exception as exc:
+                upstream = find_upstream(args, kwargs)  # jobs or futures as arguments: dataflow
+                if not upstream:
+                    raise ClusterError(f"the arguments of job {job.id!r} cannot be pickled: {exc!r}") from exc
+                blob = b""
+        except BaseException:
+            self._queue.release(1)
+            raise
+        job._queued = True  # the loop thread releases the admission when the job is dispatched or ends
+        self._queue.put((job, blob, limit, node, upstream), self._orphaned)
         return job
 
     async def submit_async(self, *args: Any, **kwargs: Any) -> ClusterJob:
-        """asyncio flavour of :meth:`submit` (submission never blocks)."""
-        return self.submit(*args, **kwargs)
+        """asyncio flavour of :meth:`submit`: awaits room under ``max_queued`` without blocking
+        the event loop (cancelling the awaiting task submits nothing)."""
+        if self._closed:
+            raise ClusterClosedError("this cluster is closed; create a new JobCluster to submit jobs")
+        await self._queue.admit_async(self.submit_timeout)
+        return self._submit_admitted(args, kwargs)
+
+    @property
+    def queued(self) -> int:
+        """Jobs submitted and not yet dispatched to a node (what ``max_queued`` bounds)."""
+        return self._queue.queued
+
+    @property
+    def _jobs_submitted(self) -> int:
+        return self._queue.submitted
 
     # ------------------------------------------- executor, map, waiting, scatter (clusterpy.executor, .scatter)
 
@@ -448,7 +516,8 @@ class JobCluster:
 
     def cancel(self, job: ClusterJob) -> bool:
         """Cancel a job: dropped if queued, terminated on its node if running. False if it had ended."""
-        if job.done() and not job._future.cancelled():  # a cancelled future still cancels its job
+        future = job._fut
+        if job.done() and not (future is not None and future.cancelled()):  # a cancelled future still cancels its job
             return False
         self._loop.call_soon_threadsafe(self._rt.cancel, job)
         return True
@@ -544,6 +613,7 @@ class JobCluster:
         if self._closed:
             return
         self._closed = True
+        self._queue.close()  # submitters blocked under max_queued get ClusterClosedError now
         try:
             self._await(self._rt.aclose(terminate), timeout)
             if self._journal is not None:

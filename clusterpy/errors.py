@@ -6,6 +6,7 @@
     ├── ConfigurationError        bad option, missing secret file, unusable address
     ├── DependencyError           a dependency cannot be shipped or a peer's file name is unsafe
     ├── ClusterClosedError        submit() or similar on a closed cluster
+    ├── QueueFullError            submit() found max_queued jobs waiting and its submit_timeout passed
     ├── ProtocolError             the peer broke the wire protocol (remote fault)
     │   ├── FrameTooLargeError    a length prefix over the current cap
     │   ├── AuthenticationError   wrong secret, bad MAC, replayed or reordered frame
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigurationError",
     "DependencyError",
     "ClusterClosedError",
+    "QueueFullError",
     "ProtocolError",
     "FrameTooLargeError",
     "AuthenticationError",
@@ -64,6 +66,12 @@ class DependencyError(ClusterError):
 
 class ClusterClosedError(ClusterError):
     """The cluster was closed; it accepts no new work."""
+
+
+class QueueFullError(ClusterError):
+    """``submit()`` waited ``submit_timeout`` seconds (0: not at all) while ``max_queued`` jobs
+    were waiting to be dispatched, and no room came: the job was not submitted. Raised only
+    when a submit timeout is set; by default ``submit()`` waits until there is room."""
 
 
 class ProtocolError(ClusterError):

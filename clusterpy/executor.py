@@ -19,7 +19,12 @@ Futures follow the ``concurrent.futures`` contract: ``wait``, ``as_completed``,
 A future is *running* once its node reports the job started; ``cancel()`` on a pending
 future drops the job (also from its node's queue), as ``ProcessPoolExecutor`` does. Remote
 exceptions re-raise with a :class:`~clusterpy.errors.RemoteTraceback` as ``__cause__``. Done
-callbacks run in the cluster's event-loop thread: they must not block.
+callbacks run in the cluster's event-loop thread: they must not block (a ``submit`` there is
+never held back by ``max_queued``, since blocking it would stop the dispatching that makes room).
+
+Backpressure: ``submit`` blocks while the cluster holds ``max_queued`` jobs that wait for a node
+(the cluster's ``submit_timeout`` bounds the wait); ``map`` submits at most ``buffersize`` jobs
+ahead of the results consumed, so it is bounded by both.
 """
 
 from __future__ import annotations
@@ -165,9 +170,10 @@ class ClusterExecutor(concurrent.futures.Executor):
         """The cluster the calls run on."""
         return self._cluster
 
-    def _track(self, future: concurrent.futures.Future[Any]) -> None:
+    def _track(self, future: concurrent.futures.Future[Any]) -> concurrent.futures.Future[Any]:
         self._pending.add(future)
         future.add_done_callback(self._pending.discard)
+        return future
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
         """Run ``fn(*args, **kwargs)`` on the cluster; returns its ``concurrent.futures.Future``.
@@ -175,19 +181,32 @@ class ClusterExecutor(concurrent.futures.Executor):
         Jobs and futures among the arguments are replaced by their results first
         (:mod:`clusterpy.dataflow`).
 
+        Blocks while the cluster holds ``max_queued`` jobs waiting for dispatch (see
+        :class:`~clusterpy.JobCluster`), up to its ``submit_timeout``.
+
         Raises:
-            RuntimeError: after :meth:`shutdown`.
+            RuntimeError: after :meth:`shutdown` (also to a call blocked when it happens).
             ClusterError: the arguments cannot be pickled, or the cluster is closed.
+            QueueFullError: the cluster's ``submit_timeout`` passed with no room.
         """
         return self._submit_job((Call(fn), *args), kwargs)
 
     def _submit_job(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> concurrent.futures.Future[Any]:
+        # As a process pool does, submit under the lock that shutdown() takes, so that no call
+        # slips in after it; but when the cluster holds max_queued jobs, wait for room with
+        # the lock released, so that shutdown() (from any thread) is never held up by it.
+        cluster = self._cluster
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future = self._cluster.submit_job(args, kwargs).future
-            self._track(future)
-            return future
+            if cluster._queue.try_admit():
+                return self._track(cluster._submit_admitted(args, kwargs).future)
+        cluster._queue.admit(cluster.submit_timeout)  # QueueFullError, ClusterClosedError
+        with self._lock:
+            if self._shutdown:
+                cluster._queue.release(1)
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            return self._track(cluster._submit_admitted(args, kwargs).future)
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
             chunksize: int = 1, buffersize: int | None = None) -> Iterator[Any]:

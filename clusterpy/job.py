@@ -7,6 +7,8 @@ import concurrent.futures
 import enum
 import itertools
 import signal
+import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Generator
 
 import cloudpickle
@@ -45,6 +47,53 @@ class JobStatus(enum.Enum):
 
 _ids = itertools.count(1)
 
+# A job's life as the waiting machinery sees it (ClusterJob._state); ``status`` has the detail.
+_PENDING, _RUNNING, _ENDED = 0, 1, 2
+
+
+class JobSync:
+    """Completion of one cluster's jobs: one lock shared by all of them, and targeted wake-ups.
+
+    A job ends in the cluster's event-loop thread (:meth:`ClusterJob._end`): its fields are set
+    and its state becomes ended under ``lock``. A thread calling ``job()`` on a job that has not
+    ended parks on a lock of its own (one per thread, reused: nothing is allocated per wait),
+    listed in ``waiting`` under that job; the job's end releases exactly the threads waiting for
+    it, at once. So the loop pays nothing for jobs nobody waits on, a waiter is never woken for
+    another job, and no ``concurrent.futures.Future`` (a Condition and an RLock, ~1.5 KB) is made
+    unless someone asks for one (``job.future``, ``await job``, ``add_done_callback``); once it
+    exists, the job's end resolves it too.
+    """
+
+    __slots__ = ("lock", "waiting")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.waiting: dict[ClusterJob, list[threading.Lock]] = {}  # job -> parked threads' locks
+
+
+#: For jobs that belong to no running cluster (``recover_jobs``).
+_DETACHED = JobSync()
+_parking = threading.local()
+
+
+def _park_lock() -> threading.Lock:
+    """This thread's parking lock, held (so acquiring it blocks until someone releases it)."""
+    lock: threading.Lock | None = getattr(_parking, "lock", None)
+    if lock is None:
+        lock = _parking.lock = threading.Lock()
+        lock.acquire()
+    return lock
+
+
+def _settle(future: concurrent.futures.Future[Any], result: Any, exc: BaseException | None) -> None:
+    try:
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
+    except concurrent.futures.InvalidStateError:  # its holder cancelled it: the job's end stands
+        pass
+
 
 class ClusterJob:
     """One submitted job.
@@ -57,17 +106,22 @@ class ClusterJob:
     ``exception``, ``stdout``, ``stderr``, ``start_time``, ``end_time``, ``ip_addr``, plus
     ``node_id``, ``hostname``, ``cpu_time``, ``exit_code``, ``submit_time``, and ``files``:
     the paths on this machine of the files the job sent back (``clusterpy.send_file``).
+
+    Thread safety: any thread may wait for, cancel or read a job; the cluster's event-loop
+    thread alone changes it. Waiting in ``job()`` costs no per-job object (see
+    :class:`JobSync`); ``job.future`` makes the job's ``concurrent.futures.Future`` on first use.
     """
 
     __slots__ = (
         "id", "args", "kwargs", "status", "result", "exception", "stdout", "stderr",
         "start_time", "end_time", "ip_addr", "node_id", "hostname", "cpu_time", "exit_code",
-        "submit_time", "files", "_key", "_future", "_cluster", "__weakref__",
+        "submit_time", "_files", "_key", "_fut", "_cluster", "_sync", "_state", "_queued", "__weakref__",
     )
 
     def __init__(self, cluster: Any, args: tuple[Any, ...], kwargs: dict[str, Any], submit_time: float) -> None:
-        self._key = str(next(_ids))
-        self.id: Any = int(self._key)
+        number = next(_ids)
+        self._key = str(number)
+        self.id: Any = number
         self.args = args
         self.kwargs = kwargs
         self.status = JobStatus.Created
@@ -83,19 +137,78 @@ class ClusterJob:
         self.cpu_time = 0.0
         self.exit_code: int | None = None
         self.submit_time = submit_time
-        self.files: list[str] = []
-        self._future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._files: list[str] | None = None
+        self._fut: concurrent.futures.Future[Any] | None = None
         self._cluster = cluster
-        if cluster is not None:  # future.cancel() (executor users) cancels the job on its node
-            self._future.add_done_callback(self._future_done)
+        self._sync: JobSync = getattr(cluster, "_sync", None) or _DETACHED
+        self._state = _PENDING
+        self._queued = False  # counted in its cluster's SubmitQueue (loop thread clears it)
+
+    @property
+    def files(self) -> list[str]:
+        """Paths on this machine of the files the job sent back (made on first use)."""
+        files = self._files
+        if files is None:
+            files = self._files = []
+        return files
+
+    @files.setter
+    def files(self, value: list[str]) -> None:
+        self._files = value
 
     def __call__(self, timeout: float | None = None) -> Any:
         """Wait for the job and return its result, or raise its exception.
 
         Raises:
             TimeoutError: the job did not end within ``timeout`` seconds (it keeps running).
+            concurrent.futures.CancelledError: its ``future`` was cancelled.
         """
-        return self._future.result(timeout)
+        future = self._fut
+        if future is not None:
+            return future.result(timeout)
+        if self._state != _ENDED:
+            self._sleep(timeout)
+        if self.exception is not None:
+            raise self.exception
+        return self.result
+
+    def _sleep(self, timeout: float | None) -> None:
+        """Park until the job ends. Raises TimeoutError after ``timeout`` seconds."""
+        sync = self._sync
+        park = _park_lock()
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with sync.lock:
+                if self._state == _ENDED:
+                    return
+                sync.waiting.setdefault(self, []).append(park)
+            try:
+                if end is None:
+                    woke = park.acquire()
+                else:
+                    left = end - time.monotonic()
+                    woke = left > 0 and park.acquire(timeout=left)
+            except BaseException:  # KeyboardInterrupt in the main thread
+                self._unpark(park)
+                raise
+            if not woke:
+                self._unpark(park)
+                if self._state == _ENDED:
+                    return
+                raise TimeoutError(f"job {self.id!r} did not end within {timeout:g} s")
+
+    def _unpark(self, park: threading.Lock) -> None:
+        """Withdraw ``park`` from the waiting list; if the job's end took it already, consume
+        that release, so that the thread's parking lock is held again."""
+        sync = self._sync
+        with sync.lock:
+            parked = sync.waiting.get(self)
+            if parked is not None and park in parked:
+                parked.remove(park)
+                if not parked:
+                    del sync.waiting[self]
+                return
+        park.acquire()  # _end popped it and releases it (now or in a moment)
 
     def __await__(self) -> Generator[Any, None, Any]:
         return self._wait().__await__()
@@ -104,13 +217,14 @@ class ClusterJob:
         # Shielded so that cancelling the awaiting task does not just drop the concurrent
         # future: the job is cancelled on its node (terminated if it runs), and the task
         # gets its CancelledError.
-        inner = asyncio.wrap_future(self._future)
+        future = self.future
+        inner = asyncio.wrap_future(future)
         try:
             return await asyncio.shield(inner)
         except asyncio.CancelledError:
             # Nobody awaits inner any more: fetch its outcome so asyncio does not log it.
             inner.add_done_callback(lambda f: f.cancelled() or f.exception())
-            if not self._future.done():
+            if not future.done():
                 self.cancel()
             raise
 
@@ -121,25 +235,84 @@ class ClusterJob:
             except RuntimeError:  # the cluster's loop is gone: nothing left to cancel
                 pass
 
+    # ------------------------------------------------------------ the loop thread's side
+
+    def _set_running(self) -> None:
+        """The job started on its node (loop thread): its future, if any, becomes running."""
+        sync = self._sync
+        with sync.lock:
+            if self._state != _PENDING:
+                return
+            self._state = _RUNNING
+            future = self._fut
+        if future is not None and not future.done() and not future.running():
+            future.set_running_or_notify_cancel()  # Future.cancel() now returns False
+
+    def _end(self, status: JobStatus, result: Any = None, exc: BaseException | None = None) -> None:
+        """The job ended (loop thread): set its outcome, then wake whoever waits for it."""
+        sync = self._sync
+        with sync.lock:
+            self.status = status
+            self.result, self.exception = result, exc
+            self._state = _ENDED
+            future = self._fut
+            parked = sync.waiting.pop(self, None) if sync.waiting else None
+        if parked:
+            for park in parked:
+                park.release()
+        if future is not None:
+            _settle(future, result, exc)
+
+    # ------------------------------------------------------------ public
+
     def __reduce__(self) -> Any:
         # Explicit, so that a job among submit()'s arguments is recognised (clusterpy.dataflow).
         raise TypeError(f"a ClusterJob cannot be pickled (job {self.id!r}); pass it to submit() "
                         "to use its result in another job")
 
     def done(self) -> bool:
-        return self._future.done()
+        """True once the job ended (or its ``future`` was cancelled)."""
+        if self._state == _ENDED:
+            return True
+        future = self._fut
+        return future is not None and future.done()
 
     def cancel(self) -> bool:
         """Cancel the job (terminating it if it runs); same as ``cluster.cancel(job)``."""
         return bool(self._cluster.cancel(self))
 
     def add_done_callback(self, fn: Callable[["ClusterJob"], object]) -> None:
-        self._future.add_done_callback(lambda _f: fn(self))
+        """Call ``fn(job)`` when the job ends (in the cluster's event-loop thread: it must not
+        block), or now if it has ended."""
+        self.future.add_done_callback(lambda _f: fn(self))
 
     @property
     def future(self) -> concurrent.futures.Future[Any]:
-        """A ``concurrent.futures.Future`` resolved with the job's result or exception."""
-        return self._future
+        """A ``concurrent.futures.Future`` resolved with the job's result or exception (made on
+        first use; cancelling it cancels the job)."""
+        future = self._fut
+        if future is not None:
+            return future
+        new: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        with self._sync.lock:
+            if self._fut is not None:  # another thread made it meanwhile
+                return self._fut
+            self._fut = new
+            # No callback or waiter can be on the new future yet: settling it here, under the
+            # lock, orders it with _end and _set_running (which then see it and settle it).
+            state = self._state
+            if state == _ENDED:
+                _settle(new, self.result, self.exception)
+            elif state == _RUNNING:
+                new.set_running_or_notify_cancel()
+        if self._cluster is not None and state != _ENDED:  # future.cancel() cancels the job on its node
+            new.add_done_callback(self._future_done)
+        return new
+
+    @property
+    def _future(self) -> concurrent.futures.Future[Any]:
+        """The job's future (older name of :attr:`future`, kept for internal callers)."""
+        return self.future
 
     def __repr__(self) -> str:
         where = f" on {self.ip_addr}" if self.ip_addr else ""

@@ -177,7 +177,9 @@ class JobCluster:
         table.job_status, table.cluster_status = job_status, cluster_status
         table.view = self._view
         self._table = table
-        options.update(engine_args, callback=self._on_job, keep_files=keep_files)
+        # max_queued=None: dispy's submit never blocks, and it submits holding self._lock, which
+        # the engine's loop thread takes too (_ended): blocking there for room would deadlock.
+        options.update(engine_args, callback=self._on_job, keep_files=keep_files, max_queued=None)
         self._engine = self._make_engine(table, deploy_target, allocs, options)
         self._allocs = table.allocs
         atexit.register(_close_at_exit, weakref.ref(self))
