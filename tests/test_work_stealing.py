@@ -63,3 +63,16 @@ def test_the_shared_scheduler_steals_too(start_node, start_scheduler):
     sched = start_scheduler(nodes)
     with clusterpy.SharedJobCluster(nap, sched.address) as cluster:
         _fast_jobs_are_not_held_back(cluster, 2)
+
+
+def test_example_runs(start_node):
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    nodes = [start_node(cpus=1) for _ in range(2)]
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "work_stealing.py"), *(n.address for n in nodes)],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "with work stealing" in out.stdout
