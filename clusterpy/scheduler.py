@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -286,6 +287,13 @@ class SchedulerServer:
                     self._to_client(job.comp, _with_attempt(msg, job.request.attempt))
                 actions = actions[1:]
             self.execute(actions)
+        elif isinstance(msg, (m.JobProgress, m.JobFile)):
+            # A running job's provisional results and files go to its client as they come,
+            # under the attempt number the client knows; those of a stale attempt are dropped.
+            key = f"{msg.comp_id}/{msg.job_id}"
+            job = self.jobs.get(key)
+            if job is not None and self.core.attempt_of(key) == msg.attempt:
+                self._to_client(job.comp, dataclasses.replace(msg, attempt=job.request.attempt))
         elif isinstance(msg, m.JobsRecalled):
             recalled = tuple((f"{msg.comp_id}/{job_id}", attempt) for job_id, attempt in msg.jobs)
             self.execute(self.core.handle(JobsRecalled(link.node_id, recalled)))

@@ -17,6 +17,7 @@ from clusterpy.jobfiles import FileReceiver
 from clusterpy.errors import ClusterError
 
 from .conftest import REPO
+from .test_shared import start_scheduler  # noqa: F401 (fixture)
 
 
 def counting(n):
@@ -182,3 +183,26 @@ def test_provisional_example_runs(node, tmp_path):
                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "progress 50%" in out.stdout and "final" in out.stdout and "report-beta.txt: beta: sum" in out.stdout
+
+
+def test_provisional_results_and_files_come_through_the_shared_scheduler(start_node, start_scheduler, tmp_path):
+    sched = start_scheduler([start_node(cpus=2)])
+    seen: dict[int, list[object]] = {}
+    lock = threading.Lock()
+
+    def callback(job):
+        if job.status is JobStatus.ProvisionalResult:
+            with lock:
+                seen.setdefault(job.id, []).append(job.result)
+
+    with clusterpy.SharedJobCluster(counting, sched.address, callback=callback) as cluster:
+        jobs = [cluster.submit(n) for n in (4, 6)]
+        assert [job() for job in jobs] == ["done 4", "done 6"]
+        cluster.wait()
+    assert [seen[job.id] for job in jobs] == [[{"step": i, "of": n} for i in range(n)] for n in (4, 6)]
+    files = tmp_path / "back"
+    with clusterpy.SharedJobCluster(make_file, sched.address, files_dir=str(files)) as cluster:
+        job = cluster.submit(2 * 1024 * 1024 + 5, "big.bin")
+        sent_as, digest = job()
+        path = files / str(job.id) / "big.bin"
+        assert job.files == [str(path)] and hashlib.sha256(path.read_bytes()).hexdigest() == digest
