@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from .client import JobCluster
-from .errors import SchedulerLostError
+from .errors import ConfigurationError, SchedulerLostError
 from .identity import DEFAULT_SCHEDULER_PORT
 
 __all__ = ["SharedJobCluster"]
@@ -36,6 +36,11 @@ class SharedJobCluster(JobCluster):
         for name in ("nodes", "local", "discover", "relays"):
             if name in options:
                 raise TypeError(f"SharedJobCluster does not take {name!r}: the scheduler chooses the nodes")
+        for name in ("verify", "replicas"):
+            if options.get(name):
+                raise ConfigurationError(
+                    f"SharedJobCluster does not support {name}=: checking results needs the client to place "
+                    "jobs on distinct nodes itself; use JobCluster with the nodes for it")
         # The scheduler queues and places jobs itself: send it work at once (its handshake
         # advertises a window of jobs it accepts) rather than holding a prefetch queue here.
         options.setdefault("prefetch", 0)

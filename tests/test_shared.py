@@ -333,3 +333,11 @@ def test_two_programs_share_one_scheduler_example(start_node, start_scheduler):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("exit 0, 20 jobs") == 2
+
+
+def test_result_checking_options_are_refused_clearly():
+    from clusterpy.errors import ConfigurationError
+
+    for option in ({"verify": lambda job: True}, {"replicas": 2}):
+        with pytest.raises(ConfigurationError, match="does not support"):
+            SharedJobCluster(square, "127.0.0.1:1", **option)
