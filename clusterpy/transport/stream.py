@@ -7,7 +7,7 @@ Data flow::
         |  (exact-size reads: never past a      v
         |   frame boundary, cap 4 KiB)      StreamWriter.writelines
         v
-    Connection.recv()  <- SessionCipher.open <- _Receiver (BufferedProtocol: the socket reads
+    Connection.recv()  <- SessionCipher.open <- receiver.Receiver (BufferedProtocol: the socket reads
                           straight into FrameDecoder.get_buffer(); a large body into its own
                           bytearray, opened and decoded in place)
 
@@ -25,7 +25,6 @@ import logging
 import os
 import socket
 import ssl as _ssl
-from collections import deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
@@ -47,6 +46,7 @@ from ..protocol.framing import (
 from ..protocol.handshake import NONCE_SIZE, ClientHandshake, ServerHandshake
 from ..protocol.session import OVERHEAD, SessionCipher
 from ..tls import classify_ssl_error, describe_ssl_error
+from .receiver import Receiver
 
 __all__ = ["READ_SIZE", "Connection", "connect", "accept"]
 
@@ -54,8 +54,6 @@ _log = logging.getLogger("clusterpy.transport")
 
 #: Bytes asked of the StreamReader per read once authenticated.
 READ_SIZE = 256 * 1024
-# Received bodies waiting for recv() beyond this many bytes pause reading from the socket.
-_QUEUED_BYTES = 4 * 1024 * 1024
 # Frames queued by send() go out together at the end of the loop turn (one system call for
 # the results of a whole batch of jobs), or at once past this many bytes: big frames gain
 # nothing from waiting.
@@ -92,103 +90,6 @@ async def _close_writer(writer: asyncio.StreamWriter) -> None:
         writer.transport.abort()
 
 
-class _Receiver(asyncio.BufferedProtocol):
-    """The transport's protocol once authenticated: the socket writes straight into the
-    frame decoder's buffers (a large body lands in its own bytearray, never copied again),
-    complete bodies queue here for :meth:`Connection.recv`, and write flow control is kept
-    for :meth:`Connection.drain`.  Reading pauses while more than :data:`_QUEUED_BYTES`
-    wait to be received."""
-
-    def __init__(self, decoder: FrameDecoder, loop: asyncio.AbstractEventLoop) -> None:
-        self.decoder = decoder
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.frames: deque[bytes | bytearray] = deque()
-        self.queued = 0
-        self.paused_reading = False
-        self.eof = False
-        self.lost: Exception | None = None  # the OS error that ended the connection, if any
-        self.error: ProtocolError | None = None  # what the decoder refused
-        self.readable: asyncio.Future[None] | None = None
-        self.write_paused = False
-        self.writable: asyncio.Future[None] | None = None
-        self.closed: asyncio.Future[None] = loop.create_future()
-
-    # -- asyncio callbacks
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.decoder.get_buffer()
-
-    def buffer_updated(self, nbytes: int) -> None:
-        try:
-            bodies = self.decoder.buffer_updated(nbytes)
-        except ProtocolError as exc:
-            self.error = exc
-            self._pause_reading()
-            self._wake()
-            return
-        if bodies:
-            self.frames.extend(bodies)
-            self.queued += sum(len(b) for b in bodies)
-            if self.queued > _QUEUED_BYTES:
-                self._pause_reading()
-            self._wake()
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
-        return False  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.eof = True
-        self.lost = exc
-        self._wake()
-        if self.writable is not None and not self.writable.done():
-            self.writable.set_result(None)
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.writable is not None and not self.writable.done():
-            self.writable.set_result(None)
-
-    # -- used by Connection
-
-    def take(self) -> bytes | bytearray:
-        body = self.frames.popleft()
-        self.queued -= len(body)
-        if self.paused_reading and self.queued <= _QUEUED_BYTES // 2 and self.error is None:
-            self.paused_reading = False
-            assert self.transport is not None
-            self.transport.resume_reading()
-        return body
-
-    async def wait_readable(self) -> None:
-        self.readable = self.loop.create_future()
-        try:
-            await self.readable
-        finally:
-            self.readable = None
-
-    async def wait_writable(self) -> None:
-        if self.writable is None or self.writable.done():
-            self.writable = self.loop.create_future()
-        await asyncio.shield(self.writable)  # several drainers may share it
-
-    def _wake(self) -> None:
-        if self.readable is not None and not self.readable.done():
-            self.readable.set_result(None)
-
-    def _pause_reading(self) -> None:
-        if not self.paused_reading and self.transport is not None and not self.transport.is_closing():
-            self.paused_reading = True
-            self.transport.pause_reading()
-
-
 class Connection:
     """An authenticated connection: sealed, framed payloads in both directions.
 
@@ -221,7 +122,7 @@ class Connection:
         self._corked_bytes = 0
         self._flush_scheduled = False
         self._before_flush: list[Callable[[], None]] = []
-        self._protocol = _Receiver(decoder, self._loop)
+        self._protocol = Receiver(decoder, self._loop)
         self._take_over(reader)
         #: The peer's authenticated role label.
         self.peer_role = peer_role
