@@ -353,15 +353,15 @@ class _Runtime:
                 else:
                     self.finish(job, status, exc=exc)
             elif isinstance(action, CancelOnNode):
-                link = self.by_node.get(action.node_id)
-                if link is not None:
-                    link.flush()
-                    link.send(m.CancelJob(self.comp_id, action.job_id, action.attempt))
+                holder = self.by_node.get(action.node_id)
+                if holder is not None:
+                    holder.flush()
+                    holder.send(m.CancelJob(self.comp_id, action.job_id, action.attempt))
             elif isinstance(action, RecallJobs):
-                link = self.by_node.get(action.node_id)
-                if link is not None:
-                    link.flush()
-                    link.send(m.RecallJobs(self.comp_id, action.jobs))
+                holder = self.by_node.get(action.node_id)
+                if holder is not None:
+                    holder.flush()
+                    holder.send(m.RecallJobs(self.comp_id, action.jobs))
             elif isinstance(action, DeliverResult):
                 pass  # handled by the caller, which holds the report
             else:  # pragma: no cover - a new action type must be handled here

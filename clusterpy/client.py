@@ -54,7 +54,7 @@ from .secret import load_secret
 from .discovery import DEFAULT_RELAY_PORT, DiscoveryKey, plan_nodes
 from ._byvalue import pickle_by_value_if_local as _pickle_by_value_if_local
 from ._runtime import _NodeLink, _Runtime, _parse_node, _trust_options
-from ._submit import DEFAULT_MAX_QUEUED, SubmitQueue, check_max_queued, check_submit_timeout
+from ._submit import DEFAULT_MAX_QUEUED, SubmitQueue, check_max_queued, check_submit_timeout, dumps_args
 
 __all__ = ["JobCluster"]
 
@@ -404,6 +404,7 @@ class JobCluster:
         Raises:
             ClusterClosedError, QueueFullError: as :meth:`submit`.
             ClusterError: the arguments cannot be pickled.
+            ValueError: ``submit_timeout`` is not a number of seconds >= 0 or None.
         """
         if self._closed:
             raise ClusterClosedError("this cluster is closed; create a new JobCluster to submit jobs")
@@ -423,14 +424,14 @@ class JobCluster:
             limit = timeout if timeout is not None else self.default_timeout
             upstream = None
             try:
-                blob = cloudpickle.dumps((args, kwargs), protocol=5)
+                blob = dumps_args(args, kwargs)
             except Exception as exc:
                 upstream = find_upstream(args, kwargs)  # jobs or futures as arguments: dataflow
                 if not upstream:
                     raise ClusterError(f"the arguments of job {job.id!r} cannot be pickled: {exc!r}") from exc
                 blob = b""
         except BaseException:
-            self._queue.release(1)
+            self._queue.withdraw()
             raise
         job._queued = True  # the loop thread releases the admission when the job is dispatched or ends
         self._queue.put((job, blob, limit, node, upstream), self._orphaned)

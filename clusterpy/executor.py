@@ -204,7 +204,7 @@ class ClusterExecutor(concurrent.futures.Executor):
         cluster._queue.admit(cluster.submit_timeout)  # QueueFullError, ClusterClosedError
         with self._lock:
             if self._shutdown:
-                cluster._queue.release(1)
+                cluster._queue.withdraw()
                 raise RuntimeError("cannot schedule new futures after shutdown")
             return self._track(cluster._submit_admitted(args, kwargs).future)
 

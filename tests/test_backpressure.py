@@ -297,7 +297,7 @@ def test_unpicklable_arguments_give_the_room_back(stuck):
     for _ in range(10):
         with pytest.raises(clusterpy.ClusterError, match="cannot be pickled"):
             stuck.submit(threading.Lock())
-    assert stuck.queued == 0
+    assert stuck.queued == 0 and stuck.stats().jobs_submitted == 0
 
 
 def test_cluster_submit_timeout_option():
@@ -438,6 +438,16 @@ def test_job_callback_that_submits_does_not_deadlock(node, tmp_path):
         assert sorted(j(30) for j in follow_ups) == [i + 1001 for i in range(20)]
     finally:
         cluster.close(timeout=60)
+
+
+def test_map_and_executor_map_under_a_small_bound(node):
+    """A map's window larger than max_queued: its submissions block at the bound and resume."""
+    with clusterpy.JobCluster(inc, nodes=[node.address], max_queued=2) as cluster:
+        assert list(cluster.map(range(200), buffersize=50)) == [i + 1 for i in range(200)]
+        executor = cluster.executor()
+        assert list(executor.map(inc, range(100), buffersize=40)) == [i + 1 for i in range(100)]
+        assert list(executor.map(inc, range(300), chunksize=7, buffersize=40)) == [i + 1 for i in range(300)]
+        assert cluster.queued == 0
 
 
 def test_shared_cluster_goes_through_the_same_queue(tmp_path):
