@@ -44,7 +44,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any, Callable, Coroutine, Mapping, NoReturn, Sequence
 
-from ._malloc import tune_malloc
+from ._malloc import MiB, tune_malloc
 from .errors import ClusterError, ConfigurationError
 from .secret import load_secret
 
@@ -438,7 +438,7 @@ def run_daemon(opts: "OptionParser", argv: Sequence[str] | None,
         opts.error(f"--log-file {args.log_file}: {exc.strerror or exc}")
     try:
         secret = load_secret(secret_file=secret_file_from(args))
-        tune_malloc()  # a daemon's own process: payload buffers come from the heap
+        tune_malloc(32 * MiB, 128 * MiB)  # a daemon's own process: payload buffers from the heap
         asyncio.run(serve(args, secret))
     except ConfigurationError as exc:
         opts.error(str(exc))

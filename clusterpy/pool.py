@@ -261,7 +261,9 @@ class _Worker:
                 continue
             future = self.pending
             if future is None or future.done():
-                log.warning("worker %d sent an unexpected %r message", self.pid, message[0])
+                # A killed worker's last reply (its call was cancelled, e.g. at close) is expected.
+                log.log(logging.DEBUG if self.killed else logging.WARNING,
+                        "worker %d sent an unexpected %r message", self.pid, message[0])
                 continue
             self.pending = None
             future.set_result(message)
