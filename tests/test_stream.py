@@ -308,3 +308,48 @@ async def test_post_auth_frame_cap_applies():
                 conn.send(b"x" * 5000)  # over our own cap once sealed
             with pytest.raises(FrameTooLargeError):
                 await conn.recv()
+
+
+async def test_flow_control_both_ways_with_a_reader_that_stops():
+    # The server stops reading: its receiver pauses the socket once 4 MiB wait unreceived,
+    # the kernel buffers fill, and the client's drain() waits. When the server reads again,
+    # every frame arrives, intact and in order.
+    release = asyncio.Event()
+    got: list[bytes] = []
+
+    async def handler(conn: Connection) -> None:
+        await release.wait()
+        for _ in range(40):
+            got.append(bytes(await conn.recv()))
+        conn.send(b"done")
+        await conn.drain()
+        await asyncio.sleep(1)
+
+    async with Server(handler) as srv:
+        async with await srv.connect() as conn:
+            frames = [bytes([i]) * (1 << 20) for i in range(40)]
+
+            async def sender():
+                for frame in frames:
+                    conn.send(frame)
+                    await conn.drain()
+
+            task = asyncio.create_task(sender())
+            done, _ = await asyncio.wait({task}, timeout=1.0)
+            assert not done, "40 MiB went out although nobody read them: no back-pressure"
+            release.set()
+            await asyncio.wait_for(task, 10)
+            assert await conn.recv() == b"done"
+    assert got == frames
+
+
+async def test_eof_in_the_middle_of_a_frame_is_named():
+    async def handler(conn: Connection) -> None:
+        conn._transport.write(struct.pack(">I", 200_000) + b"x" * 100_000)  # half a large frame
+        await asyncio.sleep(0.2)
+        conn._transport.close()
+
+    async with Server(handler) as srv:
+        async with await srv.connect() as conn:
+            with pytest.raises(ConnectionClosedError, match="in the middle of a frame"):
+                await conn.recv()
