@@ -377,10 +377,14 @@ def _reduce_to_constructor(cls: type) -> None:
     goes through ``__init__``, so a decoded message is exactly one its constructor accepts."""
     names = tuple(f for f in cls.__slots__ if not f.startswith("__"))  # type: ignore[attr-defined]
     getter = attrgetter(*names)
-    if len(names) == 1:
-        cls.__reduce__ = lambda self: (cls, (getter(self),))  # type: ignore[method-assign]
-    else:
-        cls.__reduce__ = lambda self: (cls, getter(self))  # type: ignore[method-assign]
+
+    def reduce_one(self: object) -> tuple[type, tuple[object, ...]]:
+        return (cls, (getter(self),))
+
+    def reduce_many(self: object) -> tuple[type, tuple[object, ...]]:
+        return (cls, getter(self))
+
+    setattr(cls, "__reduce__", reduce_one if len(names) == 1 else reduce_many)
 
 
 for _cls in MESSAGE_TYPES.values():
