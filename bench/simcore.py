@@ -105,8 +105,11 @@ def memory_per_queued_job(jobs: int, nodes: int = 1_000, cpus: int = 2) -> float
 def client_memory_per_queued_job(jobs: int) -> float:
     """Bytes the whole client (JobCluster) holds per job it cannot place yet.
 
-    The cluster's only node address refuses connections, so every job stays queued; the job
-    object, its pickled arguments, its future and the core's record are all counted.
+    The cluster's only node address refuses connections, so every job stays queued; counted:
+    the job object (its id, key and empty kwargs), its pickled arguments, the runtime's entry
+    and the scheduling core's record. Not counted: the caller's arguments and the list that
+    holds the jobs (made before). No future (made only on demand) and no statistics record
+    (made at first dispatch) exist yet for a queued job.
     """
     import benchjobs
     from clusterpy.client import JobCluster
@@ -114,13 +117,14 @@ def client_memory_per_queued_job(jobs: int) -> float:
 
     cluster = JobCluster(benchjobs.inc, nodes=["127.0.0.1:1"], secret=SECRET, connect_timeout=1.0)
     try:
-        held = []
+        args = list(range(1_000, 1_000 + jobs))  # ints past the small-int cache: the caller's, not counted
+        held: list[Any] = [None] * jobs
         gc.collect()
         tracemalloc.start()
         try:
             before = tracemalloc.get_traced_memory()[0]
             for i in range(jobs):
-                held.append(cluster.submit(i))
+                held[i] = cluster.submit(args[i])
             cluster.nodes()  # runs in the loop thread after every queued submission: a barrier
             after = tracemalloc.get_traced_memory()[0]
         finally:
@@ -152,7 +156,7 @@ def format_report(res: dict[str, Any]) -> str:
     lines.append("")
     lines.append(f"Memory per queued job, core alone: {res['core_bytes_per_job']:,.0f} bytes")
     if "client_bytes_per_job" in res:
-        lines.append(f"Memory per queued job, whole JobCluster client (job, args, future, core): "
+        lines.append(f"Memory per queued job, whole JobCluster client (job, pickled args, runtime and core records): "
                      f"{res['client_bytes_per_job']:,.0f} bytes")
     else:
         lines.append(f"Client memory not measured: {res.get('client_error')}")

@@ -44,7 +44,7 @@ from .errors import (
 )
 from .dataflow import Dependents
 from .journal import JournalWriter
-from .monitor import JobHistory, job_ended
+from .monitor import JobHistory, record_job
 from .job import ClusterJob, JobStatus, apply_report
 from ._midjob import MidJob
 from .progress import DROPPED
@@ -68,22 +68,6 @@ def _score(text: str | None) -> float:
     except ValueError:
         return 1.0
     return value if 0.0 < value < float("inf") else 1.0
-
-
-def _trust_options(verify: Any, replicas: int, fraction: float, max_reruns: int, distrust_after: int,
-                   rerun_untrusted: bool) -> dict[str, Any] | None:
-    """JobCluster's trust arguments, checked; None when neither verify nor replicas is asked for."""
-    if verify is not None and not callable(verify):
-        raise ConfigurationError(f"verify must be callable, not {type(verify).__name__}")
-    for name, value, low in (("replicas", replicas, 1), ("max_reruns", max_reruns, 0), ("distrust_after", distrust_after, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigurationError(f"{name} must be an int of at least {low}, not {value!r}")
-    if not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
-        raise ConfigurationError(f"replicate_fraction must be between 0 and 1, not {fraction!r}")
-    if verify is None and (replicas == 1 or fraction == 0):
-        return None  # plain jobs: no trust layer at all
-    return dict(verify=verify, replicas=replicas, replicate_fraction=float(fraction), max_reruns=max_reruns,
-                distrust_after=distrust_after, rerun_untrusted=bool(rerun_untrusted))
 
 
 def _parse_node(spec: str, default_port: int) -> tuple[str, int]:
@@ -177,7 +161,7 @@ class _Runtime:
         self.idle.set()
         self.dependents = Dependents(self)  # jobs waiting for upstream results (clusterpy.dataflow)
         self.scatter = ScatterState(self)  # scattered objects and their transfers (clusterpy.scatter)
-        self.history = JobHistory()  # counts, throughput and latest failures, for the monitor
+        self.history = JobHistory()  # counts, throughput, latest failures: fed while a monitor runs
         self.monitor: Any = None  # clusterpy.monitor.MonitorServer when monitor= is given
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -326,10 +310,11 @@ class _Runtime:
                 dequeued = 0
                 for job_id, attempt in action.jobs:
                     _job, args, timeout = self.jobs[job_id]
-                    if _job._queued:  # its first dispatch: it no longer counts against max_queued
+                    first = _job._queued
+                    if first:  # its first dispatch: it no longer counts against max_queued
                         _job._queued = False
                         dequeued += 1
-                    self.stats.dispatched(action.node_id, _job._key, len(args))
+                    self.stats.dispatched(action.node_id, _job, len(args), first)
                     link.queue_job(m.JobRequest(job_id, attempt, args, timeout, cpus))
                     if self.journal is not None:
                         self.record("dispatch", job_id, action.node_id, attempt)
@@ -385,8 +370,8 @@ class _Runtime:
         self.idle.clear()
         if self.journal is not None:
             self.record("submit", job._key, job.id, args, timeout)
-        self.stats.submitted(job._key, job.id, job.submit_time, len(args))
         if self.trust is not None and node is None:  # verify / replicas (a pinned job is not re-run elsewhere)
+            self.stats.submitted(job, len(args))  # other jobs are recorded at first dispatch
             self.trust.submit(job, args, timeout)
             self._check_all_failed()
             return
@@ -486,16 +471,11 @@ class _Runtime:
         if isinstance(msg, m.JobDone):
             self._on_done(link, msg)
         elif isinstance(msg, m.JobsStarted):
-            self.core.handle(JobsStarted(link.node_id, tuple((s.job_id, s.attempt) for s in msg.jobs)))
+            self.execute(self.core.handle(JobsStarted(link.node_id, tuple((s.job_id, s.attempt) for s in msg.jobs))))
             for s in msg.jobs:
                 entry = self.jobs.get(s.job_id)
                 if entry is not None and entry[0].status is JobStatus.Created:
-                    job = entry[0]
-                    job.status = JobStatus.Running
-                    job.start_time = s.start_time
-                    job.ip_addr = link.ip_addr
-                    job._set_running()  # its future, if any, is running: Future.cancel() now returns False
-                    self.cluster._job_started(job, link)
+                    self._mark_running(entry[0], link, s.start_time)
         elif isinstance(msg, m.JobsRecalled):
             self.execute(self.core.handle(JobsRecalled(link.node_id, msg.jobs)))
         elif isinstance(msg, m.Ping):
@@ -530,6 +510,10 @@ class _Runtime:
             self.execute(actions[1:])
             return
         job = entry[0]
+        if job.status is JobStatus.Created and msg.status != "cancelled":
+            # A short job is reported by its end alone (the node reports starts a moment late):
+            # it still goes through Running, as callbacks and dispy's job_status expect.
+            self._mark_running(job, link, msg.start_time)
         self.midjob.ended(msg.job_id)
         link.jobs_done += 1
         link.cpu_time += msg.cpu_time
@@ -546,16 +530,26 @@ class _Runtime:
         self.finish(job, status, result=None if result is DROPPED else result, exc=exc)
         self.execute(actions[1:])
 
+    def _mark_running(self, job: ClusterJob, link: _NodeLink, start_time: float) -> None:
+        job.status = JobStatus.Running
+        job.start_time = start_time
+        job.ip_addr = link.ip_addr
+        job._set_running()  # its future, if any, is running: Future.cancel() now returns False
+        self.cluster._job_started(job, link)
+
     def finish(self, job: ClusterJob, status: JobStatus, *, result: Any = None, exc: BaseException | None = None) -> None:
-        self.jobs.pop(job._key, None)
+        entry = self.jobs.pop(job._key, None)
+        unsent = None  # the size of its arguments if it was held here and never dispatched
         if job._queued:  # ended before any dispatch (cancelled, failed upstream, no usable node)
             job._queued = False
             self.queue.release(1)
+            unsent = None if entry is None else len(entry[1])
         if job.end_time is None:
             job.end_time = time.time()
         job._end(status, result, exc)
-        self.history.add(job_ended(job), time.monotonic())
-        self.stats.finished(job._key, status.value, job.node_id, job.start_time, job.end_time)
+        if self.monitor is not None:  # nobody reads the history without a monitor
+            record_job(self.history, job, time.monotonic())
+        self.stats.finished(job, unsent)
         self.cluster._job_done(job)
         if not self.jobs and not self.dependents:
             self.idle.set()

@@ -30,9 +30,6 @@ import uuid
 from types import EllipsisType
 from typing import Any, Callable, Iterable, Iterator
 
-import cloudpickle
-
-from . import _tracebacks
 from . import deps as deps_mod
 from . import tls
 from .errors import (
@@ -41,7 +38,6 @@ from .errors import (
     ConfigurationError,
     NodeLostError,
 )
-from .filestore import validate_comp_id
 from .identity import DEFAULT_NODE_PORT
 from .dataflow import find_upstream
 from .journal import JournalWriter
@@ -52,8 +48,8 @@ from .stats import ClusterStats
 from .protocol import messages as m
 from .secret import load_secret
 from .discovery import DEFAULT_RELAY_PORT, DiscoveryKey, plan_nodes
-from ._byvalue import pickle_by_value_if_local as _pickle_by_value_if_local
-from ._runtime import _NodeLink, _Runtime, _parse_node, _trust_options
+from ._computation import check_callable, check_cpus_per_job, check_dest_path, package, trust_options
+from ._runtime import _NodeLink, _Runtime, _parse_node
 from ._submit import DEFAULT_MAX_QUEUED, SubmitQueue, check_max_queued, check_submit_timeout, dumps_args
 
 __all__ = ["JobCluster"]
@@ -243,19 +239,11 @@ class JobCluster:
         self.pulse_interval = pulse_interval
         self.node_timeout = node_timeout if node_timeout is not None else max(5 * pulse_interval, 3.0)
         self.local_cpus = local_cpus
-        if isinstance(cpus_per_job, bool) or not isinstance(cpus_per_job, int) or cpus_per_job < 1:
-            raise ConfigurationError(f"cpus_per_job must be a positive int, not {cpus_per_job!r}")
-        self.cpus_per_job = cpus_per_job
-        if dest_path is not None:
-            try:
-                validate_comp_id(dest_path)
-            except ClusterError as exc:
-                raise ConfigurationError(f"dest_path must be one directory name: {exc}") from None
-        self.dest_path = dest_path
-        self._trust_options = _trust_options(verify, replicas, replicate_fraction, max_reruns, distrust_after,
-                                             rerun_untrusted)
-        if only_if is not None and not callable(only_if):
-            raise ConfigurationError(f"only_if must be callable, not {type(only_if).__name__}")
+        self.cpus_per_job = check_cpus_per_job(cpus_per_job)
+        self.dest_path = check_dest_path(dest_path)
+        self._trust_options = trust_options(verify, replicas, replicate_fraction, max_reruns, distrust_after,
+                                            rerun_untrusted)
+        check_callable("only_if", only_if)
         self._only_if, self._return_files = only_if, bool(return_files)
         self.files_dir = os.path.abspath(os.fspath(files_dir) if files_dir is not None else (dest_path or "."))
         self.max_file_size = max_file_size
@@ -289,41 +277,13 @@ class JobCluster:
 
     def _package(self, computation: Any, depends: Iterable[Any], setup: Any, setup_args: tuple[Any, ...],
                  cleanup: Any, keep_files: bool) -> tuple[deps_mod.Dependencies, m.DeployComputation]:
-        depends = list(depends)
-        if callable(computation):
-            # Modules in depends travel as files: the computation directory is on the worker's sys.path.
-            found = deps_mod.collect(depends)
-            for fn in (computation, setup, cleanup, self._only_if, *found.objects):
-                _pickle_by_value_if_local(fn)
-            _tracebacks.remember((computation, setup, cleanup, *found.objects))  # for remote tracebacks
-            bundle = cloudpickle.dumps({
-                "compute": computation, "setup": setup, "cleanup": cleanup,
-                "depends": list(found.objects), "setup_args": tuple(setup_args),
-                "only_if": self._only_if, "return_files": self._return_files,
-            })
-            self.computation_name = getattr(computation, "__name__", repr(computation))
-            deploy = m.DeployComputation(self._comp_id, "function", self._metas(found), bundle, None,
-                                         keep_files=keep_files, reentrant=self.reentrant, dest_path=self.dest_path)
-        elif isinstance(computation, (str, os.PathLike)):
-            path = os.fspath(computation)
-            if not os.path.isfile(path):
-                raise ConfigurationError(f"program {path!r} does not exist or is not a file")
-            found = deps_mod.collect(depends, program=path)
-            self.computation_name = os.path.basename(path)
-            options = None  # only_if / return_files for a program travel in an otherwise empty bundle
-            if self._only_if is not None or self._return_files:
-                _pickle_by_value_if_local(self._only_if)
-                options = cloudpickle.dumps({"only_if": self._only_if, "return_files": self._return_files})
-            deploy = m.DeployComputation(self._comp_id, "program", self._metas(found), options,
-                                         (os.path.basename(path),), keep_files=keep_files,
-                                         reentrant=self.reentrant, dest_path=self.dest_path)
-        else:
-            raise ConfigurationError(f"computation must be a callable or a program's path, not {type(computation).__name__}")
-        return found, deploy
-
-    @staticmethod
-    def _metas(found: deps_mod.Dependencies) -> tuple[m.FileMeta, ...]:
-        return tuple(m.FileMeta(f.name, f.sha256, f.size, f.mode) for f in found.files)
+        """Package a computation with this cluster's options (:func:`clusterpy._computation.package`);
+        also names the cluster after it. ``compat.dispy`` calls it for a node's own deployment."""
+        found = package(self._comp_id, computation, depends, setup=setup, setup_args=setup_args, cleanup=cleanup,
+                        only_if=self._only_if, return_files=self._return_files, keep_files=keep_files,
+                        reentrant=self.reentrant, dest_path=self.dest_path)
+        self.computation_name = found.name
+        return found.dependencies, found.deploy
 
     # ---------------------------------------------------------------- loop thread
 
@@ -598,15 +558,7 @@ class JobCluster:
 
     def print_status(self) -> None:
         """Print, per node, its CPUs, jobs done and CPU time (as dispy's print_status)."""
-        s = self.stats()
-        rows = [(n["hostname"], n["name"], n["cpus"], n["jobs_done"], n["cpu_time"]) for n in s["nodes"]]
-        print(f"\n{'Node':<28} {'Address':<22} {'CPUs':>4} {'Jobs':>7} {'CPU sec':>9} {'Sec/Job':>8}")
-        print("-" * 83)
-        for host, addr, cpus, done, cpu in rows:
-            per = cpu / done if done else 0.0
-            print(f"{host[:28]:<28} {addr[:22]:<22} {cpus:>4} {done:>7} {cpu:>9.3f} {per:>8.3f}")
-        print("-" * 83)
-        print(f"Total: {s['jobs_done']} of {s['jobs_submitted']} jobs done, {s['cpu_time']:.3f} CPU seconds\n")
+        print(self.stats().status_table())
 
     def close(self, timeout: float | None = None, terminate: bool = False) -> None:
         """Wait for the submitted jobs (or cancel them, with ``terminate``), then release the

@@ -51,6 +51,10 @@ log = logging.getLogger("clusterpy.node")
 
 _LEN = struct.Struct(">I")
 
+#: Seconds a job runs before the node reports it started (JobsStarted); shorter jobs are
+#: reported by their JobDone alone.
+START_REPORT_DELAY = 0.002
+
 
 @dataclass(eq=False)
 class QueuedJob:
@@ -126,7 +130,8 @@ class ClientSession:
         self.conn = conn
         self.comps: dict[str, Computation] = {}
         self.last_heard = time.monotonic()
-        self._started: list[tuple[str, m.JobStart]] = []
+        self._started: dict[str, tuple[str, m.JobStart]] = {}  # job key -> not yet reported start
+        self._start_timer: asyncio.TimerHandle | None = None
         self._closing = False
 
     def send(self, message: object) -> None:
@@ -154,6 +159,9 @@ class ClientSession:
         if self._closing:
             return
         self._closing = True
+        if self._start_timer is not None:
+            self._start_timer.cancel()
+            self._start_timer = None
         log.info("session with %s ends: %s", self.conn.peername, reason)
         for comp in list(self.comps.values()):
             self.node.orphan(comp)
@@ -413,25 +421,34 @@ class ClientSession:
     # ---------------------------------------------------------------- job reports
 
     def started(self, job: QueuedJob) -> None:
+        """Report the job as running, START_REPORT_DELAY seconds from now if it is still
+        running then: a short job's JobDone says it all (and the client shows it Running
+        first), which saves a message each way and a wake-up of the client mid-job."""
         if self.conn.closed:
             return  # the client is away: it learns of the job from its result
-        if not self._started:
-            # One JobsStarted for the jobs started this loop turn, in the write that carries
-            # the results ended in it.
-            self.conn.before_flush(self._flush_started)
-        self._started.append((job.comp.comp_id, m.JobStart(job.request.job_id, job.request.attempt, time.time())))
+        self._started[job.key] = (job.comp.comp_id, m.JobStart(job.request.job_id, job.request.attempt, time.time()))
+        if self._start_timer is None:
+            self._start_timer = asyncio.get_running_loop().call_later(START_REPORT_DELAY, self._report_started)
+
+    def _report_started(self) -> None:
+        self._start_timer = None
+        if not self.conn.closed:
+            self.conn.before_flush(self._flush_started)  # with whatever else goes out this turn
 
     def _flush_started(self) -> None:
         by_comp: dict[str, list[m.JobStart]] = {}
-        for comp_id, start in self._started:
+        for comp_id, start in self._started.values():
             by_comp.setdefault(comp_id, []).append(start)
         self._started.clear()
         for comp_id, starts in by_comp.items():
             self.send(m.JobsStarted(comp_id, tuple(starts)))
 
     def deliver(self, message: m.JobDone | m.JobProgress | m.JobFile) -> None:
-        if self._started:
-            self._flush_started()  # Running must reach the client before Done
+        key = f"{message.comp_id}/{message.job_id}/{message.attempt}"
+        if isinstance(message, m.JobDone):
+            self._started.pop(key, None)  # its end carries its start time
+        elif key in self._started:
+            self._flush_started()  # Running reaches the client before the job's first message
         self.send(message)
 
 

@@ -299,7 +299,7 @@ class SchedulerServer:
             self.execute(self.core.handle(JobsRecalled(link.node_id, recalled)))
         elif isinstance(msg, m.JobsStarted):
             started = tuple((f"{msg.comp_id}/{s.job_id}", s.attempt) for s in msg.jobs)
-            self.core.handle(JobsStarted(link.node_id, started))
+            actions = self.core.handle(JobsStarted(link.node_id, started))  # may recall jobs (stealing)
             for s in msg.jobs:
                 if (held := self.jobs.get(f"{msg.comp_id}/{s.job_id}")) is not None:
                     held.started = s.start_time
@@ -308,6 +308,7 @@ class SchedulerServer:
                 client_view = tuple(m.JobStart(s.job_id, self.jobs[f"{msg.comp_id}/{s.job_id}"].request.attempt, s.start_time)
                                     for s in msg.jobs if f"{msg.comp_id}/{s.job_id}" in self.jobs)
                 self._to_client(comp, m.JobsStarted(msg.comp_id, client_view))
+            self.execute(actions)
         elif not isinstance(msg, m.Pong):
             log.debug("ignored %s from node %s", type(msg).__name__, link.name)
 

@@ -121,6 +121,15 @@ class ClusterStats(_Items):
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def status_table(self) -> str:
+        """Per node: CPUs, jobs done and CPU time, then the totals (``print_status``'s text)."""
+        lines = ["", f"{'Node':<28} {'Address':<22} {'CPUs':>4} {'Jobs':>7} {'CPU sec':>9} {'Sec/Job':>8}", "-" * 83]
+        for n in self.nodes:
+            per = n.cpu_time / n.jobs_done if n.jobs_done else 0.0
+            lines.append(f"{n.hostname[:28]:<28} {n.name[:22]:<22} {n.cpus:>4} {n.jobs_done:>7} {n.cpu_time:>9.3f} {per:>8.3f}")
+        lines += ["-" * 83, f"Total: {self.jobs_done} of {self.jobs_submitted} jobs done, {self.cpu_time:.3f} CPU seconds", ""]
+        return "\n".join(lines)
+
     def to_json(self, path: str | os.PathLike[str] | None = None, *, indent: int | None = 2) -> str:
         """The statistics as JSON text; also written to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=indent, default=str)
@@ -145,8 +154,12 @@ class _NodeCounters:
 class StatsRecorder:
     """Counters the client's event loop updates; cheap enough for every job (a few dict updates).
 
-    Keys are the jobs' internal keys (``ClusterJob._key``); ``max_jobs`` bounds the per-job
-    records kept (the oldest finished ones are dropped first; the totals stay exact).
+    Keys are the jobs' internal keys (``ClusterJob._key``). A job's record is made when it is
+    first needed, not at submission: at its first dispatch, when it ends without one (cancelled
+    or abandoned while queued), or at once for jobs the trust layer manages (:meth:`submitted`).
+    A job waiting in the queue thus costs nothing here; :func:`collect` lists it from the
+    runtime's own table (:meth:`job_list`). ``max_jobs`` bounds the records kept (the oldest
+    are dropped first, a tenth at a time; the totals stay exact).
     """
 
     def __init__(self, max_jobs: int = 1_000_000) -> None:
@@ -162,19 +175,30 @@ class StatsRecorder:
             counters = self.nodes[node_id] = _NodeCounters()
         return counters
 
-    def submitted(self, key: str, job_id: Any, submit_time: float, nbytes: int) -> None:
+    def _new(self, job: Any, nbytes: int) -> JobStats:
+        """Make the record of ``job`` (a ClusterJob) whose pickled arguments are ``nbytes`` long."""
         if len(self.jobs) >= self.max_jobs:
             for old in list(self.jobs)[: max(1, self.max_jobs // 10)]:
                 del self.jobs[old]
-        self.jobs[key] = JobStats(str(job_id), submit_time=submit_time, bytes_sent=nbytes)
+        record = self.jobs[job._key] = JobStats(str(job.id), submit_time=job.submit_time, bytes_sent=nbytes)
+        return record
 
-    def dispatched(self, node_id: str, key: str, nbytes: int) -> None:
+    def submitted(self, job: Any, nbytes: int) -> None:
+        """Record ``job`` now (the trust layer's jobs: their verdict may come before any run)."""
+        if job._key not in self.jobs:
+            self._new(job, nbytes)
+
+    def dispatched(self, node_id: str, job: Any, nbytes: int, first: bool) -> None:
+        """``job`` was sent to ``node_id`` (``first``: its first dispatch, which records it)."""
         node = self._node(node_id)
         node.jobs_sent += 1
         node.bytes_sent += nbytes
-        job = self.jobs.get(key)
-        if job is not None:
-            job.runs += 1
+        record = self.jobs.get(job._key)
+        if record is None:
+            if not first:  # dropped under max_jobs meanwhile: not recorded again
+                return
+            record = self._new(job, nbytes)
+        record.runs += 1
 
     def reported(self, node_id: str, key: str, nbytes: int, cpu_time: float, job_time: float) -> None:
         node = self._node(node_id)
@@ -206,15 +230,42 @@ class StatsRecorder:
         if job is not None:
             job.verification = verdict
 
-    def finished(self, key: str, status: str, node_id: str | None, start: float | None, end: float | None) -> None:
-        job = self.jobs.get(key)
-        if job is not None:
-            job.status, job.node_id, job.start_time, job.end_time = status, node_id, start, end
+    def finished(self, job: Any, unsent: int | None = None) -> None:
+        """``job`` ended (its status, node and times are set). ``unsent``: for a job the
+        runtime held that ended before any dispatch (cancelled, abandoned), the size of its
+        pickled arguments, which records it now; None for any other job (one that waited
+        only for upstream results is not recorded, as it was never submitted to a node)."""
+        record = self.jobs.get(job._key)
+        if record is None:
+            if unsent is None:  # never submitted, or its record was dropped under max_jobs
+                return
+            record = self._new(job, unsent)
+        record.status, record.node_id = job.status.value, job.node_id
+        record.start_time, record.end_time = job.start_time, job.end_time
+
+    def job_list(self, held: Any) -> list[JobStats]:
+        """Copies of the job records, plus one for each job of ``held`` (the runtime's table,
+        ``key -> (job, args, timeout)``) that waits for its first dispatch, in submission order."""
+        found: dict[str, JobStats] = {}
+        for job, args, _timeout in held:
+            if job._queued and job._key not in self.jobs and job._key not in found:
+                found[job._key] = JobStats(str(job.id), submit_time=job.submit_time, bytes_sent=len(args))
+        pairs = [(key, JobStats(**asdict(record))) for key, record in self.jobs.items()]
+        pairs.extend(found.items())
+        # Keys count up as jobs are made (ClusterJob): records made at first dispatch and the
+        # queued jobs fall back into submission order (a near-sorted run: a linear sort).
+        pairs.sort(key=_submission_order)
+        return [record for _key, record in pairs]
 
     def node_stats(self, node_id: str, **known: Any) -> NodeStats:
         """A NodeStats of ``node_id`` from its counters plus ``known`` fields (name, cpus...)."""
         counters = self.nodes.get(node_id) or _NodeCounters()
         return NodeStats(node_id=node_id, **known, **asdict(counters))
+
+
+def _submission_order(pair: tuple[str, JobStats]) -> int:
+    key = pair[0]
+    return int(key) if key.isdigit() else -1
 
 
 def collect(rt: Any) -> ClusterStats:
@@ -246,4 +297,4 @@ def collect(rt: Any) -> ClusterStats:
         jobs_done=sum(n.jobs_done for n in nodes), cpu_time=sum(n.cpu_time for n in nodes),
         elapsed=time.monotonic() - recorder.started, stops=recorder.stops,
         untrusted_nodes=[n.node_id for n in nodes if not n.trusted], nodes=nodes,
-        jobs=[JobStats(**asdict(j)) for j in recorder.jobs.values()])
+        jobs=recorder.job_list(rt.jobs.values()))

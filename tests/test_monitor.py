@@ -6,6 +6,7 @@ none) against a JobCluster with an embedded node, a node process, and a clusterp
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import re
@@ -21,8 +22,8 @@ import pytest
 
 import clusterpy
 from clusterpy.errors import ConfigurationError, JobCancelledError, JobTerminatedError
-from clusterpy.job import JobStatus
-from clusterpy.monitor import Ended, JobHistory, MonitorSpec, Throughput, parse_monitor
+from clusterpy.job import ClusterJob, JobStatus
+from clusterpy.monitor import Ended, JobHistory, MonitorSpec, Throughput, parse_monitor, record_job
 from clusterpy.monitor._guard import Guard, allowed_hosts_for
 
 pytest.importorskip("aiohttp", reason="the monitor needs aiohttp (pip install 'clusterpy[monitor]')")
@@ -417,3 +418,42 @@ def test_example_runs(tmp_path):
     assert out.returncode == 0, out.stderr
     assert re.search(r"monitor at http://127\.0\.0\.1:\d+/\?token=", out.stdout + out.stderr)
     assert "finished 10, failed 2" in out.stdout, out.stdout
+
+
+def test_history_describes_a_failure_only_when_read_and_once():
+    described: list[int] = []
+
+    def describe(i):
+        described.append(i)
+        return Ended(str(i), str(i), "Terminated", "n1", 0.1, 1.0, "boom", "t" * 50)
+
+    h = JobHistory(keep_failures=2, max_traceback=10)
+    for i in range(5):
+        h.add_lazy("Terminated", "n1", 0.1, 10.0, functools.partial(describe, i))
+    h.add_lazy("Finished", "n1", 0.1, 10.0, lambda: pytest.fail("a job that did not fail is never described"))
+    assert described == []  # nothing formatted while jobs end
+    assert [e.key for e in h.latest_failures()] == ["4", "3"]
+    assert described == [3, 4]  # only the failures still kept
+    assert h.latest_failures()[0].traceback == "...\n" + "t" * 10
+    assert described == [3, 4]  # described once
+    assert h.counts == {"Terminated": 5, "Finished": 1} and h.nodes["n1"].failures == 5
+
+
+def test_record_job_counts_a_job_and_describes_its_failure():
+    class Unprintable(Exception):
+        def __str__(self):
+            raise RuntimeError("no")
+
+    h = JobHistory()
+    ok = ClusterJob(None, (1,), {}, time.time())
+    ok.node_id, ok.cpu_time = "n1", 0.5
+    ok._end(JobStatus.Finished, 2)
+    record_job(h, ok, 10.0)
+    bad = ClusterJob(None, (2,), {}, time.time())
+    bad.node_id, bad.stderr = "n1", "oops\n"
+    bad._end(JobStatus.Terminated, exc=Unprintable())
+    record_job(h, bad, 10.0)
+    assert h.counts == {"Finished": 1, "Terminated": 1} and h.nodes["n1"].cpu_time == 0.5
+    (failure,) = h.latest_failures()
+    assert (failure.key, failure.job_id, failure.error) == (bad._key, str(bad.id), "Unprintable")
+    assert failure.traceback is not None and failure.traceback.endswith("--- stderr ---\noops\n")

@@ -2,15 +2,17 @@
 
 ::
 
-    JobCluster(..., monitor=True)              clusterpy-scheduler --monitor [PORT]
-      _Runtime.finish --Ended--> JobHistory      SchedulerServer (JobDone / ResolveJob) --Ended--> JobHistory
+    JobCluster(..., monitor=True)                 clusterpy-scheduler --monitor [PORT]
+      _Runtime.finish --record_job--> JobHistory    SchedulerServer (JobDone / ResolveJob) --Ended--> JobHistory
               \\                                       /
                ClusterSource / SchedulerSource: snapshot(), cancel(key), stop_node(name)
                                    |  (same event loop: no locks)
                MonitorServer (aiohttp): Guard (Host, token, origin) -> routes -> SSE push
 
-The HTTP part needs aiohttp (``pip install clusterpy[monitor]``) and is imported only when a
-monitor starts; :class:`JobHistory` and the adapters are plain Python, always available.
+The client feeds its history only while a monitor runs (``record_job``: a count per job; a
+failure is formatted only when a page reads it). The HTTP part needs aiohttp (``pip install
+clusterpy[monitor]``) and is imported only when a monitor starts; :class:`JobHistory` and the
+adapters are plain Python, always available.
 See docs/MONITOR.md.
 """
 
@@ -22,14 +24,23 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigurationError
 from ._history import Ended, JobHistory, Throughput
-from ._sources import ClusterSource, MonitorSource, SchedulerSource, job_ended, report_ended, resolved_ended
+from ._sources import (
+    ClusterSource,
+    MonitorSource,
+    SchedulerSource,
+    job_ended,
+    record_job,
+    report_ended,
+    resolved_ended,
+)
 
 if TYPE_CHECKING:
     from ._server import MonitorServer
 
 __all__ = [
     "MonitorSpec", "parse_monitor", "start_monitor", "MonitorServer", "MonitorSource", "ClusterSource",
-    "SchedulerSource", "JobHistory", "Ended", "Throughput", "job_ended", "report_ended", "resolved_ended",
+    "SchedulerSource", "JobHistory", "Ended", "Throughput", "job_ended", "record_job", "report_ended",
+    "resolved_ended",
 ]
 
 log = logging.getLogger("clusterpy.monitor")

@@ -1,15 +1,22 @@
 """What the monitor remembers about jobs that ended: counts, throughput, latest failures.
 
 Pure bookkeeping, no I/O and no clock: the caller passes ``now`` (monotonic seconds). The
-client's ``_Runtime.finish`` and the scheduler's report handling feed one :class:`JobHistory`
-each; the monitor reads it when it takes a snapshot. Everything kept is bounded (a ring of
-per-second counters, the last N failures, one small tally per node and per computation).
+client's ``_Runtime.finish`` (while a monitor runs) and the scheduler's report handling feed one
+:class:`JobHistory` each; the monitor reads it when it takes a snapshot. Everything kept is
+bounded (a ring of per-second counters, the last N failures, one small tally per node and per
+computation).
+
+Cost per job matters (it runs for every job in the owner's event loop): a job that did not fail
+is only counted (:meth:`JobHistory.count`); a failure may be kept as a function that describes it
+(:meth:`JobHistory.add_lazy`), called only when a page reads the latest failures, so a run of
+many failing jobs formats only the few that are shown.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable
 
 __all__ = ["Ended", "JobHistory", "NodeTally", "Throughput", "FAILED", "STATUSES", "status_of_report"]
 
@@ -114,31 +121,45 @@ class JobHistory:
         self.counts: Counter[str] = Counter()
         self.nodes: dict[str, NodeTally] = {}
         self.owners: dict[str, Counter[str]] = {}
-        self.failures: deque[Ended] = deque(maxlen=keep_failures)
+        # Ended records, or functions that make them (add_lazy): latest_failures() reads them.
+        self.failures: deque[Ended | Callable[[], Ended]] = deque(maxlen=keep_failures)
         self.throughput = Throughput(window)
         self.max_traceback = max_traceback
 
-    def add(self, ended: Ended, now: float) -> None:
-        """Count one ended job (``now``: monotonic seconds, for the throughput ring)."""
-        self.counts[ended.status] += 1
-        if ended.owner:
-            self.owners.setdefault(ended.owner, Counter())[ended.status] += 1
-        failed = ended.status in FAILED
-        if ended.node is not None:
-            tally = self.nodes.get(ended.node)
+    def count(self, status: str, node: str | None, cpu_time: float, now: float, owner: str = "") -> None:
+        """Count one ended job without keeping a record of it (``now``: monotonic seconds)."""
+        self.counts[status] += 1
+        if owner:
+            self.owners.setdefault(owner, Counter())[status] += 1
+        if node is not None:
+            tally = self.nodes.get(node)
             if tally is None:
-                tally = self.nodes[ended.node] = NodeTally()
+                tally = self.nodes[node] = NodeTally()
             tally.done += 1
-            tally.cpu_time += ended.cpu_time
-            tally.failures += failed
+            tally.cpu_time += cpu_time
+            tally.failures += status in FAILED
         self.throughput.add(now)
-        if failed:
-            tb = ended.traceback
-            if tb is not None and len(tb) > self.max_traceback:
-                tb = "...\n" + tb[-self.max_traceback:]
-                ended = Ended(ended.key, ended.job_id, ended.status, ended.node, ended.cpu_time, ended.when,
-                              ended.error, tb, ended.owner)
-            self.failures.append(ended)
+
+    def add(self, ended: Ended, now: float) -> None:
+        """Count one ended job and keep it if it failed (``now``: monotonic seconds)."""
+        self.count(ended.status, ended.node, ended.cpu_time, now, ended.owner)
+        if ended.status in FAILED:
+            self.failures.append(self._trimmed(ended))
+
+    def add_lazy(self, status: str, node: str | None, cpu_time: float, now: float,
+                 describe: Callable[[], Ended], owner: str = "") -> None:
+        """:meth:`count` one ended job; if it failed, keep ``describe``, called to make its
+        :class:`Ended` record only if the failure is still among the latest when they are read.
+        ``describe`` must be cheap to keep (it holds what it needs, not the whole job)."""
+        self.count(status, node, cpu_time, now, owner)
+        if status in FAILED:
+            self.failures.append(describe)
+
+    def _trimmed(self, ended: Ended) -> Ended:
+        tb = ended.traceback
+        if tb is not None and len(tb) > self.max_traceback:
+            return replace(ended, traceback="...\n" + tb[-self.max_traceback:])
+        return ended
 
     def ended(self) -> int:
         return sum(self.counts.values())
@@ -148,5 +169,10 @@ class JobHistory:
         self.owners.pop(owner, None)
 
     def latest_failures(self) -> list[Ended]:
-        """The kept failures, newest first."""
-        return list(reversed(self.failures))
+        """The kept failures, newest first (describing, once, those kept as functions)."""
+        failures = self.failures
+        for i in range(len(failures)):
+            item = failures[i]
+            if not isinstance(item, Ended):
+                failures[i] = self._trimmed(item())
+        return list(reversed(failures))  # type: ignore[arg-type]  # all Ended now

@@ -17,6 +17,7 @@ The only changes they make are the two actions: cancel a job, stop using a node.
 
 from __future__ import annotations
 
+import functools
 import logging
 import reprlib
 import time
@@ -25,7 +26,9 @@ from typing import Any, Protocol
 
 from ._history import FAILED, STATUSES, Ended, JobHistory, status_of_report
 
-__all__ = ["MonitorSource", "ClusterSource", "SchedulerSource", "job_ended", "report_ended", "resolved_ended"]
+__all__ = [
+    "MonitorSource", "ClusterSource", "SchedulerSource", "job_ended", "record_job", "report_ended", "resolved_ended",
+]
 
 log = logging.getLogger("clusterpy.monitor")
 
@@ -57,21 +60,45 @@ def _label(value: Any) -> str:
 
 def job_ended(job: Any) -> Ended:
     """The record of a finished :class:`~clusterpy.job.ClusterJob` (client side)."""
+    return _describe(job._key, job.id, job.status.value, job.node_id, job.cpu_time or 0.0,
+                     job.end_time or time.time(), job.exception, job.stderr)
+
+
+def record_job(history: JobHistory, job: Any, now: float) -> None:
+    """Count a finished :class:`~clusterpy.job.ClusterJob` in ``history`` (the client's per-job
+    hook while a monitor runs; ``now``: monotonic seconds).
+
+    A job that did not fail is only counted: no record, no label. A failure is kept as a
+    function of the few fields its record needs (not the job, whose arguments and result may
+    be large), formatted only if a page reads it while it is among the latest.
+    """
     status = job.status.value
+    cpu_time = job.cpu_time or 0.0
+    if status not in FAILED:
+        history.count(status, job.node_id, cpu_time, now)
+        return
+    history.add_lazy(status, job.node_id, cpu_time, now,
+                     functools.partial(_describe, job._key, job.id, status, job.node_id, cpu_time,
+                                       job.end_time or time.time(), job.exception, job.stderr))
+
+
+def _describe(key: str, job_id: Any, status: str, node: str | None, cpu_time: float, when: float,
+              exc: BaseException | None, stderr: str) -> Ended:
     error = traceback = None
-    exc = job.exception
     if status in FAILED and exc is not None:
-        error = f"{type(exc).__name__}: {exc}"
+        try:
+            error = f"{type(exc).__name__}: {exc}"
+        except Exception:  # a user's __str__ may raise: the monitor must not
+            error = type(exc).__name__
         cause = exc.__cause__
         remote = getattr(cause, "tb", None)
         if isinstance(remote, str):
             traceback = remote.strip().strip('"').strip()
         elif exc.__traceback__ is not None:
             traceback = "".join(tb_mod.format_exception(exc))
-        if job.stderr:
-            traceback = (traceback or "") + f"\n--- stderr ---\n{job.stderr[-4000:]}"
-    return Ended(job._key, _label(job.id), status, job.node_id, job.cpu_time or 0.0,
-                 job.end_time or time.time(), error, traceback)
+        if stderr:
+            traceback = (traceback or "") + f"\n--- stderr ---\n{stderr[-4000:]}"
+    return Ended(key, _label(job_id), status, node, cpu_time, when, error, traceback)
 
 
 def report_ended(key: str, msg: Any, node_id: str | None, owner: str) -> Ended:
