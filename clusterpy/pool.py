@@ -220,8 +220,10 @@ class _Worker:
         if self.exited.done() or not self.pid:
             return
         # Its exit may be seen only later (a reply already in the pipe still arrives): until
-        # then it must not be handed another job.
+        # then it must not be handed another job, so it leaves the idle list now.
         self.killed = True
+        if self in self.pool._idle:
+            self.pool._idle.remove(self)
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -708,7 +710,6 @@ class WorkerPool:
             log.error("worker pool task failed", exc_info=task.exception())
 
     async def _acquire(self, comp_id: str) -> _Worker:
-        self._idle = [w for w in self._idle if not w.killed]  # killed while idle, exit not seen yet
         if self._idle:
             # Prefer a worker that has already run this computation's setup.
             worker = next((w for w in self._idle if comp_id in w.loaded), self._idle[0])

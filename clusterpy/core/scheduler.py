@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .fairqueue import FairQueue
@@ -373,8 +374,8 @@ class SchedulerCore:
         # Its CPUs are now all busy with jobs waiting behind them: an idle node may take those.
         actions: list[Action] = []
         for thief in self._some_nodes():
-            if thief is not node and thief.cpus - len(thief.inflight) - thief.awaiting > 0:
-                actions.extend(self._steal_for(thief))
+            if thief is not node:
+                actions.extend(self._steal_for(thief, (node,)))
         return actions
 
     def _some_nodes(self) -> list[_Node]:
@@ -528,14 +529,14 @@ class SchedulerCore:
         actions.extend(self._place_queued())
         return actions
 
-    def _steal_for(self, thief: _Node) -> list[Action]:
-        """Recall jobs waiting behind busy CPUs elsewhere for ``thief``'s idle CPUs, once no
-        queued job is left to give it."""
+    def _steal_for(self, thief: _Node, victims: Sequence[_Node] | None = None) -> list[Action]:
+        """Recall jobs waiting behind busy CPUs on ``victims`` (default: a slice of the nodes)
+        for ``thief``'s idle CPUs, once no queued job is left to give it."""
         idle = thief.cpus - len(thief.inflight) - thief.awaiting
         if not self.steal or idle <= 0 or self._queue or thief.distrusted:
             return []
         actions: list[Action] = []
-        for victim in self._some_nodes():
+        for victim in self._some_nodes() if victims is None else victims:
             if victim is thief or victim.running < victim.cpus or victim.running >= len(victim.inflight):
                 continue  # it has no job waiting behind busy CPUs
             batch: list[tuple[str, int]] = []

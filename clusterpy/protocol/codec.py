@@ -48,8 +48,7 @@ class _ViewReader:
 
     def readline(self) -> bytes:
         start = self._pos
-        rest = self._view[start:]
-        end = bytes(rest).find(b"\n") if len(rest) < 4096 else rest.tobytes().find(b"\n")
+        end = self._view[start:].tobytes().find(b"\n")
         self._pos = len(self._view) if end < 0 else start + end + 1
         return self._view[start : self._pos].tobytes()
 

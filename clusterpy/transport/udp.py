@@ -317,13 +317,8 @@ class DiscoveryResponder:
         self._task = asyncio.ensure_future(self._announce_loop())
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        for transport in self._transports:
-            transport.close()
-        self._transports.clear()
+        task, self._task = self._task, None
+        await _stop(task, self._transports)
         self._main = None
 
     async def _announce_loop(self) -> None:
@@ -411,13 +406,8 @@ class DiscoveryClient:
         self._task = asyncio.ensure_future(self._run())
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        for transport in self._transports:
-            transport.close()
-        self._transports.clear()
+        task, self._task = self._task, None
+        await _stop(task, self._transports)
         self._request = None
 
     def forget(self, node_id: str) -> None:
@@ -466,3 +456,13 @@ class DiscoveryClient:
         if found is not None:
             log.info("discovered node %s:%d (%d CPUs, by %s)", found.host, found.port, found.cpus, found.via)
             self.on_found(found)
+
+
+async def _stop(task: asyncio.Task[Any] | None, transports: list[asyncio.DatagramTransport]) -> None:
+    """Cancel a discovery shell's task and close its sockets."""
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    for transport in transports:
+        transport.close()
+    transports.clear()
