@@ -3,31 +3,34 @@
 Used by :mod:`clusterpy.pool` (asyncio, in the node) and :mod:`clusterpy.worker` (synchronous,
 in each worker process); it never imports asyncio, so the worker stays light.
 
-A frame is a 4-byte big-endian length and a pickle (protocol 5) of a tuple of builtins::
+A frame is a 4-byte big-endian length and a payload in the form of
+:mod:`clusterpy.protocol.outofband`: a pickle (protocol 5) of a tuple of builtins, its large
+``bytes`` (at its top level, or values of a dict at its top level) carried out of band::
 
-    | size (4 bytes) | pickle.dumps(message) (size bytes) |
+    | size (4 bytes) | pickle | or | size (4 bytes) | 0x01, lengths | pickle | buffer ... |
 
 Costs this module is shaped by (measured on Linux, CPython 3.11):
 
-- Each frame leaves in **one** write (header and body together): two writes wake the reader
+- Each frame leaves in **one** write (``writev`` of its parts): two writes wake the reader
   twice, the first time for 4 bytes.
-- ``pickle.dumps`` of a message holding a 1 MB ``bytes`` costs ~400 us (its output buffer
-  grows by reallocation, fresh pages each time); a :class:`pickle.Pickler` writing into an
-  :class:`io.BytesIO` costs ~50 us. Messages announced as large take that path, with room
-  for the header at the front, so no second copy is made to prepend it.
-- The reader reads a large frame straight into a buffer of its final size.
+- A large ``bytes`` (a job's arguments, its result) is never copied into or out of the
+  pickle: it is written from where it is, and read into a buffer of the frame's final size
+  that the unpickled message then points into (read-only ``memoryview`` s).
 - :func:`enlarge_pipe` raises a pipe's capacity (64 KiB by default) so a 1 MB payload
   crosses in one or two writes instead of sixteen.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 from typing import Any
 
-__all__ = ["encode_frame", "FrameDecoder", "ChannelReader", "write_all", "enlarge_pipe", "pipe_size_for",
+from .protocol import outofband
+from .protocol.framing import FrameDecoder as _StreamDecoder
+from .protocol.outofband import Part
+
+__all__ = ["encode_frame", "loads", "FrameDecoder", "ChannelReader", "write_all", "enlarge_pipe", "pipe_size_for",
            "MAX_FRAME", "PIPE_SIZE"]
 
 #: Largest frame the 4-byte length prefix can describe.
@@ -36,68 +39,55 @@ MAX_FRAME = 0xFFFFFFFF
 PIPE_SIZE = 1 << 20
 
 _HEADER_LEN = 4
-#: Messages announced at least this large are pickled into a BytesIO (see the module docstring).
-_LARGE = 64 * 1024
 #: Scratch read size of the worker's reader: large enough for any small frame, small enough
 #: to stay off mmap.
 _READ_CHUNK = 64 * 1024
 
 
-def encode_frame(message: tuple[object, ...], size_hint: int = 0) -> bytes | memoryview:
-    """Return the whole frame (header and body) for ``message``, ready for one write.
+def encode_frame(message: tuple[object, ...], size_hint: int = 0) -> list[Part]:
+    """Return the frame (header and payload) for ``message`` as parts for one ``writev``.
 
-    ``size_hint``: roughly how many bytes the message holds (its largest ``bytes``); above
-    64 KiB the faster path for large messages is taken. Raises ValueError if the body is
-    over :data:`MAX_FRAME`.
+    ``size_hint``: roughly how many bytes the message holds (its largest ``bytes``); from
+    :data:`~clusterpy.protocol.outofband.MIN_SIZE` up its large ``bytes`` travel out of band
+    (the parts then include them: they must not change until written). Raises ValueError if
+    the payload is over :data:`MAX_FRAME`.
     """
-    if size_hint < _LARGE:
+    if size_hint < outofband.MIN_SIZE:
         body = pickle.dumps(message, protocol=5)
         size = len(body)
         if size > MAX_FRAME:  # pragma: no cover -- only a large message can be, and it is hinted
             raise ValueError(f"frame of {size} bytes exceeds the channel's {MAX_FRAME}-byte limit")
-        return size.to_bytes(_HEADER_LEN, "big") + body
-    buf = io.BytesIO()
-    buf.write(bytes(_HEADER_LEN))
-    pickle.Pickler(buf, protocol=5).dump(message)
-    frame = buf.getbuffer()
-    size = len(frame) - _HEADER_LEN
+        return [size.to_bytes(_HEADER_LEN, "big") + body]
+    wrapped = tuple({k: outofband.wrap(v) for k, v in item.items()} if type(item) is dict else outofband.wrap(item)
+                    for item in message)
+    parts = outofband.dumps(wrapped)
+    size = sum(len(p) if type(p) is bytes else p.nbytes for p in parts)
     if size > MAX_FRAME:
         raise ValueError(f"frame of {size} bytes exceeds the channel's {MAX_FRAME}-byte limit")
-    frame[:_HEADER_LEN] = size.to_bytes(_HEADER_LEN, "big")
-    return frame
+    parts[0] = size.to_bytes(_HEADER_LEN, "big") + parts[0]
+    return parts
 
 
-class FrameDecoder:
-    """Sans-IO decoder: feed it bytes as they arrive, get back the complete frame bodies."""
+def loads(payload: bytes | bytearray | memoryview, unpickler: type[pickle.Unpickler] = pickle.Unpickler) -> Any:
+    """Unpickle a frame's payload (either form) with ``unpickler``.
+
+    Raises:
+        ValueError, pickle.UnpicklingError: a malformed payload.
+    """
+    return outofband.load(unpickler, payload)
+
+
+class FrameDecoder(_StreamDecoder):
+    """Sans-IO decoder of the frames a worker sends: feed it bytes as they arrive, get back
+    the complete payloads (a large one in a ``bytearray`` of its exact size, filled once)."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list[bytes]:
-        """Append ``data``; return the bodies of the frames it completed, in order."""
-        buf = self._buf
-        if buf:
-            buf += data
-            data = buf  # type: ignore[assignment]
-        frames: list[bytes] = []
-        pos, total = 0, len(data)
-        with memoryview(data) as view:
-            while total - pos >= _HEADER_LEN:
-                end = pos + _HEADER_LEN + int.from_bytes(view[pos:pos + _HEADER_LEN], "big")
-                if end > total:
-                    break
-                frames.append(bytes(view[pos + _HEADER_LEN:end]))
-                pos = end
-            if data is not buf and pos < total:  # nothing was buffered: keep only the rest
-                buf += view[pos:]
-        if data is buf and pos:
-            del buf[:pos]
-        return frames
+        super().__init__(MAX_FRAME)
 
     @property
     def pending(self) -> int:
         """Bytes received that do not yet form a complete frame."""
-        return len(self._buf)
+        return self.buffered
 
 
 class ChannelReader:
@@ -122,8 +112,7 @@ class ChannelReader:
                 if not self._fill():
                     return None
         if len(pending) >= end:
-            with memoryview(pending) as view:
-                message = pickle.loads(view[_HEADER_LEN:end])
+            message = loads(pending[_HEADER_LEN:end])  # a copy: what it decodes to may point into it
             del pending[:end]
             return message
         frame = bytearray(size)
@@ -136,7 +125,7 @@ class ChannelReader:
                 if not n:
                     return None
                 have += n
-        return pickle.loads(frame)
+        return loads(frame)
 
     def _fill(self) -> bool:
         n = os.readv(self.fd, [self._scratch])
@@ -145,13 +134,19 @@ class ChannelReader:
         return n > 0
 
 
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    """Write all of ``data`` to the blocking ``fd`` (one write unless a signal interrupts it)."""
-    n = os.write(fd, data)
-    if n < len(data):
-        with memoryview(data) as view:
-            while n < len(view):
-                n += os.write(fd, view[n:])
+def write_all(fd: int, data: bytes | memoryview | list[Part]) -> None:
+    """Write all of ``data`` (a buffer, or the parts :func:`encode_frame` made) to the blocking
+    ``fd``: one ``writev`` unless the pipe fills or a signal interrupts it."""
+    parts = [data] if not isinstance(data, list) else data
+    n = os.writev(fd, parts)
+    total = sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in parts)
+    while n < total:
+        views = [memoryview(p).cast("B") for p in parts]
+        done = n
+        while views and len(views[0]) <= done:
+            done -= len(views.pop(0))
+        views[0] = views[0][done:]
+        n += os.writev(fd, views)
 
 
 def enlarge_pipe(fd: int, size: int = PIPE_SIZE) -> int:

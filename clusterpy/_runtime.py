@@ -121,7 +121,7 @@ class _NodeLink(NodeLink):
     def flush(self) -> None:
         """Send the pending batch now (also before a message that must follow it)."""
         if self.pending_submit and self.conn is not None and not self.conn.closed:
-            self.conn.send(codec.encode(m.SubmitJobs(self.runtime.comp_id, tuple(self.pending_submit))))
+            self.conn.send(codec.encode_parts(m.SubmitJobs(self.runtime.comp_id, tuple(self.pending_submit))))
         self.pending_submit.clear()
 
 

@@ -336,8 +336,8 @@ def apply_report(job: ClusterJob, msg: "JobDone", *, ip_addr: str, node_id: str,
     """
     job.ip_addr, job.node_id, job.hostname = ip_addr, node_id, hostname
     job.start_time, job.end_time, job.cpu_time = msg.start_time, msg.end_time, msg.cpu_time
-    job.stdout = msg.stdout.decode("utf-8", "replace")
-    job.stderr = msg.stderr.decode("utf-8", "replace")
+    job.stdout = str(msg.stdout, "utf-8", "replace")  # any bytes-like: large output arrives as a view
+    job.stderr = str(msg.stderr, "utf-8", "replace")
     job.exit_code = msg.exit_code
     if msg.status == "finished":
         try:

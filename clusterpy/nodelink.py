@@ -115,7 +115,7 @@ class NodeLink:
 
     def send(self, message: object) -> None:
         if self.conn is not None and not self.conn.closed:
-            self.conn.send(codec.encode(message))
+            self.conn.send(codec.encode_parts(message))
 
     async def drain(self) -> None:
         if self.conn is not None and not self.conn.closed:

@@ -31,7 +31,6 @@ and cancelled by :meth:`WorkerPool.aclose`.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import pickle
@@ -47,6 +46,7 @@ from typing import Any
 
 from ._capture import collect_output, output_base, remove_output
 from ._channel import FrameDecoder, encode_frame, enlarge_pipe, pipe_size_for
+from ._channel import loads as channel_loads
 from .errors import ClusterClosedError, ClusterError, ConfigurationError
 
 __all__ = ["ComputationSpec", "WorkerJob", "JobOutcome", "JobMessage", "WorkerPool"]
@@ -147,8 +147,8 @@ class _BuiltinsOnly(pickle.Unpickler):
         raise pickle.UnpicklingError(f"worker frames may not contain {module}.{name}")
 
 
-def _loads(frame: bytes) -> tuple[Any, ...]:
-    message = _BuiltinsOnly(io.BytesIO(frame)).load()
+def _loads(frame: bytes | bytearray) -> tuple[Any, ...]:
+    message = channel_loads(frame, _BuiltinsOnly)
     if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
         raise pickle.UnpicklingError(f"malformed worker message of type {type(message).__name__}")
     return message
@@ -231,7 +231,8 @@ class _Worker:
 
     def _write(self, message: tuple[Any, ...], size_hint: int = 0) -> None:
         assert self.stdin is not None
-        self.stdin.write(encode_frame(message, size_hint))  # one write per frame
+        for part in encode_frame(message, size_hint):  # large blobs written from where they are
+            self.stdin.write(part)
 
     # -- called from _WorkerProtocol ---------------------------------------------------
 
@@ -275,12 +276,12 @@ class _Worker:
         try:
             if message[0] == "progress":
                 _, job_id, value = message
-                if not isinstance(value, bytes):
+                if not isinstance(value, (bytes, memoryview)):
                     raise TypeError("value")
                 out = JobMessage(job_id, "progress", value=value)
             else:
                 _, job_id, name, data, last, error = message
-                if not (isinstance(name, str) and isinstance(data, bytes) and isinstance(last, bool)
+                if not (isinstance(name, str) and isinstance(data, (bytes, memoryview)) and isinstance(last, bool)
                         and (error is None or isinstance(error, str))):
                     raise TypeError("file fields")
                 size = self.file_bytes.get(name, 0)
@@ -497,7 +498,7 @@ class WorkerPool:
             ValueError: the spec is malformed, or another spec has the same comp_id.
         """
         if spec.kind == "function":
-            if not isinstance(spec.bundle, bytes):
+            if not isinstance(spec.bundle, (bytes, memoryview)):
                 raise ValueError(f"computation {spec.comp_id!r}: kind 'function' needs a bundle")
         elif spec.kind == "program":
             if not spec.program:

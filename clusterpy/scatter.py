@@ -208,7 +208,7 @@ class ScatterState:
                 for chunk in deps_mod.iter_chunks(self.entries[sha], self._rt.chunk_size):
                     if conn.closed:
                         return
-                    conn.send(codec.encode(m.FileChunk(self._rt.comp_id, sha, chunk, False)))
+                    conn.send(codec.encode_parts(m.FileChunk(self._rt.comp_id, sha, chunk, False)))
                     self.bytes_sent[link.name] = self.bytes_sent.get(link.name, 0) + len(chunk)
                     await conn.drain()
             except DependencyError as exc:

@@ -478,7 +478,7 @@ class _ClientSession:
 
     def send(self, message: object) -> None:
         if not self.conn.closed:
-            self.conn.send(codec.encode(message))
+            self.conn.send(codec.encode_parts(message))
 
     async def serve(self) -> None:
         reason = "client disconnected"

@@ -61,6 +61,19 @@ def test_seal_parts_does_not_copy_the_payload():
     assert right.open(b"".join(parts)) == payload
 
 
+def test_a_payload_sealed_from_parts_is_the_same_frame_as_the_joined_payload():
+    # Out-of-band buffers are sealed where they are (streaming GMAC); the receiver sees one payload.
+    left, right = pair()
+    twin, _ = pair()
+    parts = [b"header", memoryview(bytes(range(256)) * 400), b"", memoryview(b"tail")]
+    sealed = left.seal_parts(parts)
+    assert sealed[1] is parts[0] and sealed[2] is parts[1]  # not copied
+    joined = b"".join(bytes(p) for p in parts)
+    assert b"".join(sealed) == twin.seal(joined)
+    assert right.open(bytearray(b"".join(sealed))) == joined
+    assert right.open(left.seal([b"only one part"])) == b"only one part"
+
+
 def test_bit_flip_anywhere_fails():
     left, _ = pair()
     body = left.seal(b"authenticate me")

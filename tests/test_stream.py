@@ -139,6 +139,28 @@ async def test_one_mib_payloads_and_data_right_after_the_handshake():
                 assert await conn.recv() == payload
 
 
+async def test_a_message_with_out_of_band_blobs_crosses_intact():
+    # encode_parts -> send(parts) -> recv -> decode: the blobs come back as views of the frame.
+    from clusterpy.protocol import codec
+    from clusterpy.protocol import messages as m
+
+    args = [os.urandom(size) for size in (70_000, 1 << 20, 10)]
+    message = m.SubmitJobs("c", tuple(m.JobRequest(f"j{i}", 1, a) for i, a in enumerate(args)))
+    parts = codec.encode_parts(message)
+    assert len(parts) == 3  # the pickle, then the two large blobs as they are
+
+    async def handler(conn: Connection) -> None:
+        received = codec.decode(await conn.recv())
+        conn.send(codec.encode_parts(received))  # re-sent from the views, as a scheduler relays
+
+    async with Server(handler) as srv:
+        async with await srv.connect() as conn:
+            conn.send(parts)
+            echoed = codec.decode(await conn.recv())
+    assert echoed == message
+    assert [type(job.args) for job in echoed.jobs] == [memoryview, memoryview, bytes]
+
+
 async def test_wrong_secret_refused_on_both_sides_then_good_client_accepted(caplog):
     caplog.set_level(logging.WARNING, logger="clusterpy.transport")
     async with Server(echo) as srv:

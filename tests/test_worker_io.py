@@ -228,7 +228,7 @@ def test_pipe_size_stays_within_a_quarter_of_the_users_pipe_budget():
 def test_channel_reader_reassembles_frames_split_anyhow():
     big = ("run", "j", "c", os.urandom(3 << 20), {"max_file": 1})
     messages = [("ready", 1), big, ("exit",), ("done", {"r": b"y" * 70_000})]
-    wire = b"".join(bytes(encode_frame(m, 1 << 20 if m is big else 0)) for m in messages)
+    wire = b"".join(b"".join(encode_frame(m, 1 << 20 if m is big else 0)) for m in messages)
     r, w = os.pipe()
 
     def writer() -> None:
@@ -261,4 +261,37 @@ def test_read_capped_fd_reads_from_the_start_without_moving_the_offset(tmp_path)
         assert os.lseek(fd, 0, os.SEEK_CUR) == offset
     finally:
         os.close(fd)
-    assert pickle.loads(bytes(encode_frame(("x",)))[4:]) == ("x",)
+    assert pickle.loads(b"".join(encode_frame(("x",)))[4:]) == ("x",)
+
+
+def test_large_bytes_cross_the_channel_out_of_band_and_arrive_as_views_of_the_frame():
+    blob, small = os.urandom(1 << 20), b"s" * 100
+    message = ("done", {"result": blob, "stdout": small, "stderr": b""}, blob)
+    parts = encode_frame(message, len(blob))
+    # The blob (referenced twice: sent twice) is a part of its own, not copied into the pickle.
+    assert len(parts) == 3 and len(parts[0]) < 1000
+    assert all(isinstance(p, memoryview) and p.nbytes == len(blob) and p == blob for p in parts[1:])
+    r, w = os.pipe()
+    thread = threading.Thread(target=lambda: (write_all(w, parts), os.close(w)))
+    thread.start()
+    try:
+        received = ChannelReader(r).receive()
+    finally:
+        thread.join()
+        os.close(r)
+    assert received == message
+    result = received[1]["result"]
+    assert isinstance(result, memoryview) and result.readonly and received[1]["stdout"] == small
+    assert isinstance(received[1]["stdout"], bytes)  # small bytes stay in band
+
+
+def test_a_frame_whose_out_of_band_header_lies_is_refused():
+    from clusterpy._channel import loads
+
+    payload = b"".join(encode_frame(("run", os.urandom(70_000)), 70_000))[4:]
+    forged = bytearray(payload)
+    forged[5:13] = (10**9).to_bytes(8, "big")  # a buffer longer than the payload
+    with pytest.raises(ValueError):
+        loads(bytes(forged))
+    with pytest.raises(ValueError):  # a buffer the pickle never uses
+        loads(payload[:1] + (2).to_bytes(4, "big") + payload[5:13] + (0).to_bytes(8, "big") + payload[13:])

@@ -3,8 +3,13 @@
 Messages are pickled (protocol 5) but decoded with a restricted unpickler that can build only
 the dataclasses in :data:`~clusterpy.protocol.messages.MESSAGE_TYPES` and plain builtins, so
 even an authenticated peer cannot make the daemon construct arbitrary objects while decoding a
-message. User objects are opaque ``bytes`` inside messages, unpickled only where they are meant
+message. User objects are opaque blobs inside messages, unpickled only where they are meant
 to run (a worker) or be returned (the client).
+
+Large blobs travel as pickle-5 out-of-band buffers (:mod:`.outofband`): :func:`encode_parts`
+returns them as separate parts, written to the socket as they are, never copied into the
+pickle, and :func:`decode` hands the unpickler read-only views of them inside the received
+payload, so a decoded message's large blobs are views, not copies.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import pickle
 from typing import Any
 
 from ..errors import ProtocolError
-from . import messages
+from . import messages, outofband
 from .messages import MESSAGE_TYPES
+from .outofband import Part
 
-__all__ = ["encode", "decode"]
+__all__ = ["encode", "encode_parts", "decode", "Part"]
 
 _MODULE = "clusterpy.protocol.messages"
 _IN_PLACE = 64 * 1024
@@ -67,13 +73,23 @@ _BULKY = frozenset({messages.DeployComputation, messages.FileChunk, messages.Sub
                     messages.JobProgress, messages.JobFile})
 
 
-def encode(message: object) -> bytes:
-    """Serialize one message (a dataclass from :mod:`.messages`)."""
+def encode_parts(message: object) -> list[Part]:
+    """Serialize one message (a dataclass from :mod:`.messages`) as the parts of its payload,
+    to be sent in order. Large blobs are parts of their own, not copies: they must not change
+    until sent."""
     if type(message) not in _BULKY:
-        return pickle.dumps(message, protocol=5)
-    out = io.BytesIO()
-    pickle.Pickler(out, protocol=5).dump(message)
-    return out.getvalue()
+        return [pickle.dumps(message, protocol=5)]
+    return outofband.dumps(message)
+
+
+def encode(message: object) -> bytes:
+    """Serialize one message as one ``bytes`` payload (see :func:`encode_parts`)."""
+    parts = encode_parts(message)
+    return parts[0] if len(parts) == 1 else b"".join(parts)  # type: ignore[return-value]
+
+
+def _reader(data: bytes | bytearray | memoryview) -> io.BytesIO | _ViewReader:
+    return io.BytesIO(data) if type(data) is bytes or len(data) < _IN_PLACE else _ViewReader(data)
 
 
 def decode(payload: bytes | bytearray | memoryview) -> Any:
@@ -83,9 +99,8 @@ def decode(payload: bytes | bytearray | memoryview) -> Any:
         ProtocolError: the payload is not a well-formed clusterpy message.
     """
     # BytesIO copies anything but bytes; a large bytearray or view is read in place instead.
-    source = io.BytesIO(payload) if type(payload) is bytes or len(payload) < _IN_PLACE else _ViewReader(payload)
     try:
-        message = _RestrictedUnpickler(source).load()
+        message = outofband.load(_RestrictedUnpickler, payload, _reader)
     except ProtocolError:
         raise
     except Exception as exc:  # any malformed pickle is the peer's fault, never ours

@@ -2,8 +2,11 @@
 
 Every message is a frozen dataclass; :mod:`clusterpy.protocol.codec` turns them into bytes and
 back and refuses anything that is not listed in :data:`MESSAGE_TYPES`. User data (the
-computation, job arguments, results) travels inside them as opaque ``bytes`` produced by
-cloudpickle on the client or in a worker: the node routes those bytes without unpickling them.
+computation, job arguments, results) travels inside them as opaque :data:`Blob` s (cloudpickle
+bytes made on the client or in a worker): the node routes them without unpickling them. A
+decoded message's large blobs are read-only ``memoryview`` s into the received frame (pickle
+protocol 5 out-of-band buffers, see :mod:`~clusterpy.protocol.codec`), so they are never
+copied on the way through; anything that takes a bytes-like object accepts them.
 
 Flow for one computation::
 
@@ -30,8 +33,12 @@ Flow for one computation::
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import TypeAlias
+
+from . import outofband
 
 __all__ = [
     "FileMeta",
@@ -61,9 +68,19 @@ __all__ = [
     "Pong",
     "StatusRequest",
     "StatusReply",
+    "Blob",
+    "OUT_OF_BAND_MIN",
     "Message",
     "MESSAGE_TYPES",
 ]
+
+#: Opaque user data inside a message: ``bytes`` as made, a read-only ``memoryview`` as decoded
+#: (when it travelled out of band).
+Blob: TypeAlias = bytes | memoryview
+
+#: Blobs at least this large travel as pickle-5 out-of-band buffers (no copy into or out of
+#: the message's pickle); smaller ones are cheaper in band.
+OUT_OF_BAND_MIN = outofband.MIN_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +103,7 @@ class DeployComputation:
     comp_id: str
     kind: str  # "function" | "program"
     files: tuple[FileMeta, ...]
-    bundle: bytes | None
+    bundle: Blob | None
     program: tuple[str, ...] | None
     keep_files: bool = False
     reentrant: bool = False  # a shared scheduler resubmits this computation's jobs when a node is lost
@@ -103,7 +120,7 @@ class FilesNeeded:
 class FileChunk:
     comp_id: str
     sha256: str
-    data: bytes
+    data: Blob
     last: bool
 
 
@@ -122,7 +139,7 @@ class ComputationFailed:
 class JobRequest:
     job_id: str
     attempt: int
-    args: bytes  # cloudpickle of (args, kwargs)
+    args: Blob  # cloudpickle of (args, kwargs)
     timeout: float | None = None
     cpus: int = 1  # CPUs the job occupies on the node while it runs
 
@@ -155,13 +172,13 @@ class JobDone:
     job_id: str
     attempt: int
     status: str
-    result: bytes | None
-    exception: bytes | None
+    result: Blob | None
+    exception: Blob | None
     exc_type: str | None
     exc_message: str | None
     traceback: str | None
-    stdout: bytes
-    stderr: bytes
+    stdout: Blob
+    stderr: Blob
     start_time: float
     end_time: float
     cpu_time: float
@@ -176,7 +193,7 @@ class JobProgress:
     comp_id: str
     job_id: str
     attempt: int
-    value: bytes
+    value: Blob
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +206,7 @@ class JobFile:
     job_id: str
     attempt: int
     name: str
-    data: bytes
+    data: Blob
     last: bool
     error: str | None = None
 
@@ -371,12 +388,37 @@ MESSAGE_TYPES: dict[str, type] = {
 }
 
 
+# Fields holding user data: pickled out of band when large (see _blob).
+_BLOB_FIELDS: dict[type, frozenset[str]] = {
+    DeployComputation: frozenset({"bundle"}),
+    FileChunk: frozenset({"data"}),
+    JobRequest: frozenset({"args"}),
+    JobDone: frozenset({"result", "exception", "stdout", "stderr"}),
+    JobProgress: frozenset({"value"}),
+    JobFile: frozenset({"data"}),
+}
+
+
+def _blob(value: Blob | None, protocol: int) -> object:
+    """What a blob field pickles as: small ``bytes`` as themselves; anything large, and any
+    view, as a read-only :class:`pickle.PickleBuffer` (protocol 5). A pickler given a
+    ``buffer_callback`` (the codec's) sends that out of band; any other pickles it in band as
+    plain ``bytes``, so a message holding a view pickles anywhere (journal, kept results)."""
+    if value is None or (type(value) is bytes and len(value) < OUT_OF_BAND_MIN):
+        return value
+    if protocol < 5:
+        return bytes(value)
+    view = memoryview(value)
+    return pickle.PickleBuffer(view if view.readonly else view.toreadonly())
+
+
 def _reduce_to_constructor(cls: type) -> None:
     """Pickle ``cls`` as ``cls(*fields)``: about 3x faster both ways than the dataclass's own
     ``__getstate__``/``__setstate__`` (a dict of slots, set one by one), and decoding still
     goes through ``__init__``, so a decoded message is exactly one its constructor accepts."""
     names = tuple(f for f in cls.__slots__ if not f.startswith("__"))  # type: ignore[attr-defined]
     getter = attrgetter(*names)
+    blobs = _BLOB_FIELDS.get(cls)
 
     def reduce_one(self: object) -> tuple[type, tuple[object, ...]]:
         return (cls, (getter(self),))
@@ -384,7 +426,21 @@ def _reduce_to_constructor(cls: type) -> None:
     def reduce_many(self: object) -> tuple[type, tuple[object, ...]]:
         return (cls, getter(self))
 
-    setattr(cls, "__reduce__", reduce_one if len(names) == 1 else reduce_many)
+    if blobs is not None:
+        blob_at = tuple(i for i, name in enumerate(names) if name in blobs)
+
+        def reduce_blobs(self: object, protocol: int) -> tuple[type, tuple[object, ...]]:
+            values = getter(self)
+            for i in blob_at:
+                value = values[i]
+                if value is not None and (type(value) is not bytes or len(value) >= OUT_OF_BAND_MIN):
+                    values = tuple(_blob(v, protocol) if j in blob_at else v for j, v in enumerate(values))
+                    break
+            return (cls, values)
+
+        setattr(cls, "__reduce_ex__", reduce_blobs)
+    else:
+        setattr(cls, "__reduce__", reduce_one if len(names) == 1 else reduce_many)
 
 
 for _cls in MESSAGE_TYPES.values():

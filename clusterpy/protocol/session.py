@@ -18,6 +18,11 @@ The receiver checks the tag first (in constant time, inside OpenSSL) and only th
 sequence number, so a replayed, reordered, dropped, reflected or foreign frame is an
 :class:`~clusterpy.errors.AuthenticationError` and nothing unauthenticated is ever parsed.
 
+A payload may be sealed from several buffers (a message's out-of-band buffers, see
+:mod:`~clusterpy.protocol.codec`): its tag is then computed with streaming GCM over the
+buffers in order, which gives the same tag as over their concatenation, and the buffers are
+written as they are.
+
 Payloads are authenticated, not encrypted: use TLS when confidentiality matters.
 """
 
@@ -25,13 +30,15 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import AuthenticationError
 
-__all__ = ["SEQ_SIZE", "MAC_SIZE", "OVERHEAD", "MAX_PAYLOAD", "SessionCipher"]
+__all__ = ["SEQ_SIZE", "MAC_SIZE", "OVERHEAD", "MAX_PAYLOAD", "SessionCipher", "payload_size"]
 
 _SEQ = struct.Struct(">Q")
 _NONCE_PAD = bytes(4)
@@ -65,7 +72,8 @@ class SessionCipher:
         if len(send_key) < 16 or len(recv_key) < 16:
             raise ValueError("session keys must be at least 16 bytes long")
         # AES-256 wants exactly 32 bytes; the handshake's keys are 32-byte HMAC-SHA256 outputs.
-        self._send_gcm = AESGCM(_aes_key(send_key))
+        self._send_key = _aes_key(send_key)
+        self._send_gcm = AESGCM(self._send_key)
         self._recv_gcm = AESGCM(_aes_key(recv_key))
         self._send_seq = 0
         self._recv_seq = 0
@@ -80,26 +88,43 @@ class SessionCipher:
         """Number of bodies opened so far (the next expected sequence number)."""
         return self._recv_seq
 
-    def seal_parts(self, payload: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview]:
-        """Seal ``payload`` and return the body as parts to be written in order.
+    def seal_parts(
+        self, payload: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+    ) -> list[bytes | bytearray | memoryview]:
+        """Seal ``payload`` (one buffer, or a list of buffers that together are the payload)
+        and return the body as parts to be written in order.
 
-        The payload itself is one of the parts (not copied), so it must not be mutated until
-        written.  ``sum(len(p) for p in parts) == len(payload) + OVERHEAD``.
+        The payload's buffers are parts themselves (not copied), so they must not be mutated
+        until written.  ``sum(len(p) for p in parts) == payload size + OVERHEAD``; the receiver
+        sees one contiguous payload either way.
 
         Raises:
             OverflowError: 2**64 payloads were already sealed on this session.
+            ValueError: the payload is over :data:`MAX_PAYLOAD` bytes.
         """
         seq = self._send_seq
         if seq >= _SEQ_LIMIT:
             raise OverflowError("session sequence numbers exhausted; reconnect")
-        if len(payload) > MAX_PAYLOAD:
-            raise ValueError(f"a frame carries at most {MAX_PAYLOAD} bytes; send {len(payload)} bytes in parts")
+        pieces = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else list(payload)
+        size = payload_size(pieces)
+        if size > MAX_PAYLOAD:
+            raise ValueError(f"a frame carries at most {MAX_PAYLOAD} bytes; send {size} bytes in parts")
         header = _SEQ.pack(seq)
-        tag = self._send_gcm.encrypt(_NONCE_PAD + header, _EMPTY, payload)
+        nonce = _NONCE_PAD + header
+        if len(pieces) == 1:
+            tag = self._send_gcm.encrypt(nonce, _EMPTY, pieces[0])
+        else:
+            # The same tag as over the joined payload, without joining it (out-of-band
+            # buffers stay where they are): streaming GCM, the payload fed as associated data.
+            gmac = Cipher(algorithms.AES(self._send_key), modes.GCM(nonce)).encryptor()
+            for piece in pieces:
+                gmac.authenticate_additional_data(piece)
+            gmac.finalize()
+            tag = gmac.tag
         self._send_seq = seq + 1
-        return [header, payload, tag]
+        return [header, *pieces, tag]
 
-    def seal(self, payload: bytes | bytearray | memoryview) -> bytes:
+    def seal(self, payload: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]) -> bytes:
         """Return the sealed body for ``payload`` (see :meth:`seal_parts`).
 
         Raises:
@@ -152,6 +177,15 @@ class SessionCipher:
             except BufferError:  # someone still holds a view of it: copy instead
                 pass
         return body[SEQ_SIZE : size - MAC_SIZE]
+
+
+def payload_size(payload: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]) -> int:
+    """Bytes in ``payload``: one buffer, or the buffers that together are the payload."""
+    if isinstance(payload, (bytes, bytearray)):
+        return len(payload)
+    if isinstance(payload, memoryview):
+        return payload.nbytes
+    return sum(part.nbytes if type(part) is memoryview else len(part) for part in payload)
 
 
 def _aes_key(key: bytes) -> bytes:

@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import ssl as _ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -44,7 +44,7 @@ from ..protocol.framing import (
     frame_header,
 )
 from ..protocol.handshake import NONCE_SIZE, ClientHandshake, ServerHandshake
-from ..protocol.session import OVERHEAD, SessionCipher
+from ..protocol.session import OVERHEAD, SessionCipher, payload_size
 from ..tls import classify_ssl_error, describe_ssl_error
 from .receiver import Receiver
 
@@ -196,8 +196,10 @@ class Connection:
             self._transport.close()
         return error
 
-    def send(self, payload: bytes | bytearray | memoryview) -> None:
-        """Seal and queue ``payload`` (no await; call :meth:`drain` for back-pressure).
+    def send(self, payload: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]) -> None:
+        """Seal and queue ``payload`` (no await; call :meth:`drain` for back-pressure): one
+        buffer, or the list of buffers that together are the payload (as
+        :func:`~clusterpy.protocol.codec.encode_parts` makes; they are not joined).
 
         Frames queued in one turn of the event loop are written together at its end (or at
         once when they add up to 64 KiB, or on close()); ``payload`` must not be mutated
@@ -210,10 +212,10 @@ class Connection:
         self._check_open()
         if self._transport.is_closing():
             raise self._broken(ConnectionClosedError(f"{self._label} closed the connection"))
-        size = len(payload) + OVERHEAD
+        size = payload_size(payload) + OVERHEAD
         if size > self._decoder.max_frame:
             raise ValueError(
-                f"payload of {len(payload)} bytes exceeds the frame cap of "
+                f"payload of {size - OVERHEAD} bytes exceeds the frame cap of "
                 f"{self._decoder.max_frame} bytes"
             )
         self._schedule_flush()

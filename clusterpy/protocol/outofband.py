@@ -1,0 +1,119 @@
+"""Pickles that carry their large buffers beside them (pickle protocol 5 out-of-band buffers).
+
+Used for the messages between client, scheduler and node (:mod:`.codec`) and for the frames
+between a node and its workers (:mod:`clusterpy._channel`). A payload is one of::
+
+    in band:      | pickle (its first byte is 0x80, the PROTO opcode) |
+    out of band:  | 0x01 | count (>I) | count x length (>Q) | pickle | buffer 0 | ... | buffer n-1 |
+
+:func:`dumps` returns a payload as a list of parts: the buffers are parts of their own, never
+copied into the pickle, so a sender writes them as they are (``writev``, or one transport
+write each). :func:`split` finds the pickle and the buffers inside a received payload as
+views, so a receiver unpickles with ``buffers=`` and the objects it rebuilds point into the
+received bytes instead of copies of them.
+
+Only objects that pickle as a :class:`pickle.PickleBuffer` travel out of band: the message
+types wrap their large blobs in one (``messages._blob``), the channel wraps large ``bytes``
+with :func:`wrap`. This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+from typing import Any
+
+__all__ = ["MARK", "MIN_SIZE", "Part", "dumps", "wrap", "split", "load", "is_out_of_band"]
+
+#: First byte of an out-of-band payload (a pickle's first byte is 0x80).
+MARK = 0x01
+#: Buffers at least this large are worth sending out of band: below it, the header and the
+#: extra write cost more than copying the bytes into the pickle.
+MIN_SIZE = 64 * 1024
+
+_COUNT = struct.Struct(">I")
+_LENGTH = struct.Struct(">Q")
+_MARK_BYTE = bytes((MARK,))
+
+#: One piece of a payload.
+Part = bytes | memoryview
+
+
+def wrap(value: Any) -> Any:
+    """``value`` as it should be pickled: a ``bytes``, ``bytearray`` or ``memoryview`` of at
+    least :data:`MIN_SIZE` bytes as a read-only :class:`pickle.PickleBuffer` (unpickled as a
+    read-only ``memoryview`` when sent out of band, as ``bytes`` otherwise); anything else as
+    it is."""
+    if type(value) in (bytes, bytearray, memoryview) and len(value) >= MIN_SIZE:
+        view = memoryview(value)
+        return pickle.PickleBuffer(view if view.readonly else view.toreadonly())
+    return value
+
+
+def dumps(obj: object, pickler: type[pickle.Pickler] = pickle.Pickler) -> list[Part]:
+    """Pickle ``obj`` (protocol 5) as the parts of one payload, in order; its
+    :class:`pickle.PickleBuffer` s are parts of their own (they must not change until sent)."""
+    out = io.BytesIO()
+    buffers: list[pickle.PickleBuffer] = []
+    pickler(out, protocol=5, buffer_callback=buffers.append).dump(obj)
+    if not buffers:
+        return [out.getvalue()]
+    views = [buffer.raw() for buffer in buffers]
+    header = _MARK_BYTE + _COUNT.pack(len(views)) + b"".join([_LENGTH.pack(view.nbytes) for view in views])
+    return [header + out.getvalue(), *views]
+
+
+def is_out_of_band(payload: bytes | bytearray | memoryview) -> bool:
+    """True if ``payload`` is in the out-of-band form (check before :func:`split`)."""
+    return len(payload) > 0 and payload[0] == MARK
+
+
+def split(payload: bytes | bytearray | memoryview) -> tuple[memoryview, list[memoryview]]:
+    """Return read-only views of the pickle and of the buffers of an out-of-band payload.
+
+    Raises:
+        ValueError: the header is malformed, or announces more bytes than the payload holds.
+    """
+    view = memoryview(payload).cast("B").toreadonly()
+    size = len(view)
+    if size < 1 + _COUNT.size or view[0] != MARK:
+        raise ValueError("not an out-of-band payload")
+    (count,) = _COUNT.unpack_from(view, 1)
+    start = 1 + _COUNT.size + count * _LENGTH.size
+    if count == 0 or start > size:
+        raise ValueError(f"out-of-band payload announces {count} buffers it cannot hold")
+    lengths = [length for (length,) in _LENGTH.iter_unpack(view[1 + _COUNT.size : start])]
+    end = size - sum(lengths)
+    if end < start:
+        raise ValueError("out-of-band buffers are longer than the payload")
+    buffers = []
+    offset = end
+    for length in lengths:
+        buffers.append(view[offset : offset + length])
+        offset += length
+    return view[start:end], buffers
+
+
+def load(unpickler: type[pickle.Unpickler], payload: bytes | bytearray | memoryview,
+         file: Any = None) -> Any:
+    """Unpickle ``payload`` (either form) with ``unpickler``; ``file`` (optional) reads the
+    pickle part, given as a view, for callers with a faster reader than ``io.BytesIO``.
+
+    Raises:
+        ValueError: malformed out-of-band header, or buffers the pickle does not use.
+        Exception: whatever the unpickler raises for a malformed pickle.
+    """
+    if not is_out_of_band(payload):
+        if file is None and unpickler is pickle.Unpickler:
+            return pickle.loads(payload)
+        return unpickler(file(payload) if file is not None else io.BytesIO(payload)).load()
+    data, buffers = split(payload)
+    remaining = iter(buffers)
+    if file is None and unpickler is pickle.Unpickler:
+        obj = pickle.loads(data, buffers=remaining)
+    else:
+        obj = unpickler(file(data) if file is not None else io.BytesIO(data), buffers=remaining).load()
+    if next(remaining, None) is not None:
+        raise ValueError("out-of-band payload carries buffers its pickle does not use")
+    return obj
