@@ -53,11 +53,15 @@ def encode_frame(message: tuple[object, ...], size_hint: int = 0) -> list[Part]:
     the payload is over :data:`MAX_FRAME`.
     """
     if size_hint < outofband.MIN_SIZE:
-        body = pickle.dumps(message, protocol=5)
-        size = len(body)
-        if size > MAX_FRAME:  # pragma: no cover -- only a large message can be, and it is hinted
-            raise ValueError(f"frame of {size} bytes exceeds the channel's {MAX_FRAME}-byte limit")
-        return [size.to_bytes(_HEADER_LEN, "big") + body]
+        try:
+            body = pickle.dumps(message, protocol=5)
+        except TypeError:  # a view inside (hinted too small): it can travel only out of band
+            body = None
+        if body is not None:
+            size = len(body)
+            if size > MAX_FRAME:  # pragma: no cover -- only a large message can be, and it is hinted
+                raise ValueError(f"frame of {size} bytes exceeds the channel's {MAX_FRAME}-byte limit")
+            return [size.to_bytes(_HEADER_LEN, "big") + body]
     wrapped = tuple({k: outofband.wrap(v) for k, v in item.items()} if type(item) is dict else outofband.wrap(item)
                     for item in message)
     parts = outofband.dumps(wrapped)

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 
+from . import _userdata
 from . import deps as deps_mod
 from .core.scheduler import (
     CancelOnNode,
@@ -314,7 +315,7 @@ class _Runtime:
                     if first:  # its first dispatch: it no longer counts against max_queued
                         _job._queued = False
                         dequeued += 1
-                    self.stats.dispatched(action.node_id, _job, len(args), first)
+                    self.stats.dispatched(action.node_id, _job, _userdata.size(args), first)
                     link.queue_job(m.JobRequest(job_id, attempt, args, timeout, cpus))
                     if self.journal is not None:
                         self.record("dispatch", job_id, action.node_id, attempt)
@@ -371,7 +372,7 @@ class _Runtime:
         if self.journal is not None:
             self.record("submit", job._key, job.id, args, timeout)
         if self.trust is not None and node is None:  # verify / replicas (a pinned job is not re-run elsewhere)
-            self.stats.submitted(job, len(args))  # other jobs are recorded at first dispatch
+            self.stats.submitted(job, _userdata.size(args))  # other jobs are recorded at first dispatch
             self.trust.submit(job, args, timeout)
             self._check_all_failed()
             return
@@ -517,7 +518,7 @@ class _Runtime:
         self.midjob.ended(msg.job_id)
         link.jobs_done += 1
         link.cpu_time += msg.cpu_time
-        self.stats.reported(link.node_id, job._key, len(msg.result or b"") + len(msg.stdout) + len(msg.stderr),
+        self.stats.reported(link.node_id, job._key, _userdata.size(msg.result) + len(msg.stdout) + len(msg.stderr),
                             msg.cpu_time, msg.end_time - msg.start_time)
         if self.trust is not None and self.trust.manages(job):
             self.trust.on_done(link, msg)  # one replica's report: the trust core decides

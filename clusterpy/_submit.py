@@ -46,6 +46,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
+from . import _userdata
 from .errors import ClusterClosedError, QueueFullError
 
 __all__ = ["SubmitQueue", "DEFAULT_MAX_QUEUED", "check_max_queued", "check_submit_timeout", "dumps_args"]
@@ -60,17 +61,20 @@ DEFAULT_MAX_QUEUED = 100_000
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 
 
-def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _userdata.Payload:
     """A job's pickled ``(args, kwargs)``: cloudpickle (functions and classes by value where
     they are local), except for plain scalars, which the C pickler writes identically in a
-    third of the time (the common case of many small jobs).
+    third of the time (the common case of many small jobs). Large buffers (NumPy arrays,
+    large ``bytes``) travel out of band, as they are at this call (:mod:`._userdata`).
 
     Raises:
         Exception: whatever pickling raises for an unpicklable argument.
     """
     if not kwargs and all(type(a) in _PLAIN for a in args):
-        return pickle.dumps((args, kwargs), protocol=5)
-    return cloudpickle.dumps((args, kwargs), protocol=5)
+        if not any(type(a) is bytes and len(a) >= _userdata.MIN_SIZE for a in args):
+            return pickle.dumps((args, kwargs), protocol=5)
+        return _userdata.dumps((args, kwargs), pickle.dumps, snapshot=True)
+    return _userdata.dumps((args, kwargs), cloudpickle.dumps, snapshot=True)
 
 
 def check_max_queued(value: Any) -> int | None:

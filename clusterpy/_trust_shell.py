@@ -23,8 +23,7 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
-import cloudpickle
-
+from . import _userdata
 from ._remote import Call, Chunk
 from .core.scheduler import CancelRequested, JobState, JobSubmitted, NodeDistrusted, ResolveJob
 from .core.trust import (
@@ -65,19 +64,20 @@ def outcome_digest(msg: m.JobDone) -> tuple[str, bool]:
     h = hashlib.sha256()
     if msg.status == "finished":
         h.update(b"R")
-        h.update(msg.result or b"")
+        for part in _userdata.parts(msg.result):
+            h.update(part)
         return h.hexdigest(), msg.result is not None
     h.update(f"E{msg.exc_type}\0{msg.exc_message}".encode("utf-8", "replace"))
     return h.hexdigest(), False
 
 
-def check_result(verify: Callable[..., Any], job: ClusterJob, blob: bytes) -> tuple[bool, str]:
+def check_result(verify: Callable[..., Any], job: ClusterJob, blob: _userdata.Payload) -> tuple[bool, str]:
     """Run ``verify(result, *args, **kwargs)`` (per item for a map chunk); (passed, why not).
 
     A result dropped by ``only_if`` passes (there is nothing to check); an exception raised
     by ``verify`` counts as a failed check."""
     try:
-        result = cloudpickle.loads(blob)
+        result = _userdata.loads(blob)
         args, kwargs = job.args, job.kwargs
         if result is DROPPED:
             return True, ""

@@ -27,8 +27,7 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import cloudpickle
-
+from . import _userdata
 from ._remote import Chunk
 from .errors import ClusterClosedError, ClusterError, JobCancelledError, UpstreamJobError
 from .job import ClusterJob, JobStatus
@@ -162,7 +161,7 @@ class Dependents:
         try:
             args = substitute(job.args)
             kwargs = substitute(job.kwargs)
-            blob = cloudpickle.dumps((args, kwargs), protocol=5)
+            blob = _userdata.dumps((args, kwargs), snapshot=True)
         except Exception as exc:
             error = ClusterError(f"the arguments of job {job.id!r} cannot be pickled: {exc!r}")
             error.__cause__ = exc

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator
 
 import cloudpickle
 
+from . import _userdata
 from ._tracebacks import restore as restore_sources
 from .errors import JobCancelledError, JobError, JobTerminatedError, NodeLostError, RemoteTraceback, WorkerDiedError
 
@@ -341,7 +342,7 @@ def apply_report(job: ClusterJob, msg: "JobDone", *, ip_addr: str, node_id: str,
     job.exit_code = msg.exit_code
     if msg.status == "finished":
         try:
-            return JobStatus.Finished, cloudpickle.loads(msg.result) if msg.result is not None else None, None
+            return JobStatus.Finished, _userdata.loads(msg.result) if msg.result is not None else None, None
         except Exception as exc:
             return JobStatus.Terminated, None, JobError(
                 f"job {job.id!r} finished {where} but its result cannot be unpickled here: {exc!r}")

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._capture import collect_output, output_base, remove_output
+from . import _userdata
 from ._channel import FrameDecoder, encode_frame, enlarge_pipe, pipe_size_for
 from ._channel import loads as channel_loads
 from .errors import ClusterClosedError, ClusterError, ConfigurationError
@@ -588,7 +589,7 @@ class WorkerPool:
             options = None if worker.options == self.job_options else dict(self.job_options)
             if options is not None:
                 worker.options = options
-            reply = await worker.call(("run", job.job_id, job.comp_id, job.args, options), len(job.args))
+            reply = await worker.call(("run", job.job_id, job.comp_id, job.args, options), _userdata.size(job.args))
         except _WorkerGone as gone:
             return await self._lost_outcome(worker, job, start, gone.returncode)
         except BaseException:

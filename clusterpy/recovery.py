@@ -15,8 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import cloudpickle
-
+from . import _userdata
 from .errors import ClusterError, ConnectionClosedError, NodeLostError
 from .identity import local_info
 from .job import ClusterJob, JobStatus, apply_report
@@ -80,7 +79,7 @@ def _load(path: str, secret: bytes) -> tuple[str, dict[str, _Recovered], dict[st
             nodes[node_id] = _NodeRecord(node_id, host, port, ip_addr, hostname)
         elif kind == "submit":
             _, key, user_id, args_blob, _timeout = record
-            args, kwargs = cloudpickle.loads(args_blob)
+            args, kwargs = _userdata.loads(args_blob)
             job = ClusterJob(None, args, kwargs, time.time())
             job._key, job.id = key, user_id
             jobs[key] = _Recovered(job)

@@ -18,6 +18,8 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from . import _userdata
+
 __all__ = ["ClusterStats", "NodeStats", "JobStats", "StatsRecorder", "collect"]
 
 
@@ -249,7 +251,7 @@ class StatsRecorder:
         found: dict[str, JobStats] = {}
         for job, args, _timeout in held:
             if job._queued and job._key not in self.jobs and job._key not in found:
-                found[job._key] = JobStats(str(job.id), submit_time=job.submit_time, bytes_sent=len(args))
+                found[job._key] = JobStats(str(job.id), submit_time=job.submit_time, bytes_sent=_userdata.size(args))
         pairs = [(key, JobStats(**asdict(record))) for key, record in self.jobs.items()]
         pairs.extend(found.items())
         # Keys count up as jobs are made (ClusterJob): records made at first dispatch and the

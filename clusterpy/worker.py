@@ -57,6 +57,7 @@ import threading
 import time
 from typing import Any
 
+from . import _userdata
 from ._capture import OUTPUT_CAP, Output, children_cpu, output_base, read_capped
 from ._channel import MAX_FRAME, ChannelReader, FrameDecoder, encode_frame, write_all
 from ._malloc import tune_malloc
@@ -261,7 +262,7 @@ class _Worker:
 
                     private = progress.private_dir(comp.workdir, job_id)
                     os.chdir(private)
-                call_args, call_kwargs = pickle.loads(args)
+                call_args, call_kwargs = _userdata.loads(args)
                 # An executor call or a map chunk (clusterpy._remote) decides how to call;
                 # the module is loaded only if the arguments referred to it.
                 remote = sys.modules.get("clusterpy._remote")
@@ -324,20 +325,23 @@ class _Worker:
             return _run_program(comp, args, kwargs)
         return comp.compute(*args, **kwargs)  # type: ignore[misc]
 
-    def _pickle_result(self, value: object) -> tuple[bytes | None, dict[str, object] | None]:
+    def _pickle_result(self, value: object) -> tuple[_userdata.Payload | None, dict[str, object] | None]:
         cause: BaseException | None
         kind = type(value)
         if kind in _PLAIN_RESULTS or ((kind is str or kind is bytes) and len(value) <= _PLAIN_MAX):  # type: ignore[arg-type]
             return pickle.dumps(value, protocol=5), None
         try:
-            blob = self.cloudpickle.dumps(value)
+            # Large buffers (NumPy arrays, large bytes) out of band: views of the result itself,
+            # sent before the next job starts.
+            blob = _userdata.dumps(value, self.cloudpickle.dumps)
         except BaseException as exc:  # noqa: BLE001
             cause = exc
             problem = f"could not be pickled: {type(exc).__name__}: {exc}"
         else:
-            if len(blob) <= MAX_RESULT:
+            size = _userdata.size(blob)
+            if size <= MAX_RESULT:
                 return blob, None
-            cause, problem = None, f"is too large to send back ({len(blob)} bytes pickled)"
+            cause, problem = None, f"is too large to send back ({size} bytes pickled)"
         error = pickle.PicklingError(f"the job's result ({type(value).__qualname__}) {problem}")
         try:
             raise error from cause
@@ -372,10 +376,10 @@ def _size_hint(message: tuple[object, ...]) -> int:
     way encode_frame should pickle it."""
     size = 0
     for item in message:
-        if isinstance(item, bytes):
-            size += len(item)
+        if isinstance(item, (bytes, tuple)):
+            size += _userdata.size(item)
         elif isinstance(item, dict):
-            size += sum(len(v) for v in item.values() if isinstance(v, bytes))
+            size += sum(_userdata.size(v) for v in item.values() if isinstance(v, (bytes, tuple)))
     return size
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
+from clusterpy import _userdata
 from clusterpy.errors import ClusterClosedError
 from clusterpy.pool import ComputationSpec, JobOutcome, WorkerJob, WorkerPool
 from clusterpy._channel import loads as channel_loads
@@ -68,7 +69,7 @@ def job(*args, comp_id: str = "comp", **kwargs) -> WorkerJob:
 
 def result(outcome: JobOutcome):
     assert outcome.status == "finished", (outcome.status, outcome.traceback, outcome.exc_message)
-    return cloudpickle.loads(outcome.result)
+    return _userdata.loads(outcome.result)
 
 
 @pytest.fixture

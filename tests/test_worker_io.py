@@ -18,6 +18,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
+from clusterpy import _userdata
 from clusterpy._capture import read_capped_fd
 from clusterpy._channel import PIPE_SIZE, ChannelReader, encode_frame, pipe_size_for, write_all
 from clusterpy.pool import ComputationSpec, JobOutcome, WorkerJob, WorkerPool
@@ -37,7 +38,7 @@ def job(*args, comp_id: str = "io") -> WorkerJob:
 
 def value(outcome: JobOutcome):
     assert outcome.status == "finished", (outcome.status, outcome.traceback, outcome.exc_message)
-    return cloudpickle.loads(outcome.result)
+    return _userdata.loads(outcome.result)
 
 
 @pytest.fixture

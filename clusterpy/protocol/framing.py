@@ -232,8 +232,11 @@ class FrameDecoder:
                     frames.append(self._body)
                     self._body, self._filled = None, 0
                 elif not buf and end - pos >= want:
-                    # Fast path: the whole body is inside this chunk.
-                    frames.append(bytes(view[pos : pos + want]))
+                    # Fast path: the whole body is inside this chunk. A large one is a
+                    # bytearray, like those received in place: the same body always decodes
+                    # the same way (its out-of-band buffers writable).
+                    body = view[pos : pos + want]
+                    frames.append(bytes(body) if want < DIRECT_BODY else bytearray(body))
                     pos += want
                 elif not buf and want >= DIRECT_BODY:
                     # A large body starts here: give it its own buffer of the exact size.

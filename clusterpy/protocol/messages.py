@@ -69,14 +69,18 @@ __all__ = [
     "StatusRequest",
     "StatusReply",
     "Blob",
+    "UserData",
     "OUT_OF_BAND_MIN",
     "Message",
     "MESSAGE_TYPES",
 ]
 
-#: Opaque user data inside a message: ``bytes`` as made, a read-only ``memoryview`` as decoded
+#: Opaque bytes inside a message: ``bytes`` as made, a read-only ``memoryview`` as decoded
 #: (when it travelled out of band).
 Blob: TypeAlias = bytes | memoryview
+#: A user's object as pickled by :mod:`clusterpy._userdata`: a pickle, or a tuple of a pickle
+#: and the large buffers it refers to (each travels out of band, keeping its writability).
+UserData: TypeAlias = Blob | tuple[Blob | bytearray, ...]
 
 #: Blobs at least this large travel as pickle-5 out-of-band buffers (no copy into or out of
 #: the message's pickle); smaller ones are cheaper in band.
@@ -139,7 +143,7 @@ class ComputationFailed:
 class JobRequest:
     job_id: str
     attempt: int
-    args: Blob  # cloudpickle of (args, kwargs)
+    args: UserData  # the pickled (args, kwargs)
     timeout: float | None = None
     cpus: int = 1  # CPUs the job occupies on the node while it runs
 
@@ -172,7 +176,7 @@ class JobDone:
     job_id: str
     attempt: int
     status: str
-    result: Blob | None
+    result: UserData | None
     exception: Blob | None
     exc_type: str | None
     exc_message: str | None
@@ -399,17 +403,29 @@ _BLOB_FIELDS: dict[type, frozenset[str]] = {
 }
 
 
-def _blob(value: Blob | None, protocol: int) -> object:
+def _blob(value: UserData | None, protocol: int) -> object:
     """What a blob field pickles as: small ``bytes`` as themselves; anything large, and any
-    view, as a read-only :class:`pickle.PickleBuffer` (protocol 5). A pickler given a
-    ``buffer_callback`` (the codec's) sends that out of band; any other pickles it in band as
-    plain ``bytes``, so a message holding a view pickles anywhere (journal, kept results)."""
+    view, as a read-only :class:`pickle.PickleBuffer` (protocol 5); user data's buffers
+    (the items of a tuple) as buffers that keep their writability. A pickler given a
+    ``buffer_callback`` (the codec's) sends those out of band; any other pickles them in band
+    as ``bytes``/``bytearray``, so a message holding views pickles anywhere (journal, kept
+    results)."""
     if value is None or (type(value) is bytes and len(value) < OUT_OF_BAND_MIN):
         return value
+    if isinstance(value, tuple):
+        return tuple([_buffer(part, protocol) for part in value])
     if protocol < 5:
         return bytes(value)
     view = memoryview(value)
     return pickle.PickleBuffer(view if view.readonly else view.toreadonly())
+
+
+def _buffer(part: Blob | bytearray, protocol: int) -> object:
+    if type(part) is bytes and len(part) < OUT_OF_BAND_MIN:
+        return part
+    if protocol < 5:
+        return bytes(part) if memoryview(part).readonly else bytearray(part)
+    return pickle.PickleBuffer(part)
 
 
 def _reduce_to_constructor(cls: type) -> None:

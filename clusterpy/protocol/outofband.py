@@ -41,13 +41,15 @@ Part = bytes | memoryview
 
 
 def wrap(value: Any) -> Any:
-    """``value`` as it should be pickled: a ``bytes``, ``bytearray`` or ``memoryview`` of at
-    least :data:`MIN_SIZE` bytes as a read-only :class:`pickle.PickleBuffer` (unpickled as a
-    read-only ``memoryview`` when sent out of band, as ``bytes`` otherwise); anything else as
-    it is."""
-    if type(value) in (bytes, bytearray, memoryview) and len(value) >= MIN_SIZE:
-        view = memoryview(value)
-        return pickle.PickleBuffer(view if view.readonly else view.toreadonly())
+    """``value`` as it should be pickled: a ``memoryview``, or a ``bytes`` or ``bytearray`` of
+    at least :data:`MIN_SIZE` bytes, as a :class:`pickle.PickleBuffer` (unpickled as a
+    ``memoryview``, writable if the buffer was, when sent out of band); a tuple (user data
+    with its buffers, :mod:`clusterpy._userdata`) item by item; anything else as it is."""
+    kind = type(value)
+    if kind is tuple:
+        return tuple([wrap(item) for item in value])
+    if kind is memoryview or ((kind is bytes or kind is bytearray) and len(value) >= MIN_SIZE):
+        return pickle.PickleBuffer(value)  # a view of any size: it cannot be pickled in band
     return value
 
 
@@ -70,12 +72,13 @@ def is_out_of_band(payload: bytes | bytearray | memoryview) -> bool:
 
 
 def split(payload: bytes | bytearray | memoryview) -> tuple[memoryview, list[memoryview]]:
-    """Return read-only views of the pickle and of the buffers of an out-of-band payload.
+    """Return views of the pickle and of the buffers of an out-of-band payload (writable if
+    ``payload`` is: a buffer its sender marked writable then unpickles writable).
 
     Raises:
         ValueError: the header is malformed, or announces more bytes than the payload holds.
     """
-    view = memoryview(payload).cast("B").toreadonly()
+    view = memoryview(payload).cast("B")
     size = len(view)
     if size < 1 + _COUNT.size or view[0] != MARK:
         raise ValueError("not an out-of-band payload")
