@@ -97,3 +97,32 @@ def test_the_numpy_example_runs_against_a_node(node):
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "8 blocks, 128 MB there and back" in out.stdout and "every block normalized" in out.stdout
+
+
+CRASHING_CLIENT = """
+import os, signal, sys
+import numpy as np
+import clusterpy
+
+def scale(array, factor):
+    return array * factor
+
+with clusterpy.JobCluster(scale, nodes=[sys.argv[1]], recover_file=sys.argv[2]) as cluster:
+    jobs = [cluster.submit(np.full(100_000, float(i)), 3.0) for i in range(3)]
+    for job in jobs:
+        job()
+    print("done", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_journal_keeps_out_of_band_arguments_and_results(node, tmp_path):
+    # The journal pickles in band what crossed out of band; recover_jobs rebuilds it.
+    journal, script = tmp_path / "journal.pkl", tmp_path / "client.py"
+    script.write_text(CRASHING_CLIENT)
+    out = subprocess.run([sys.executable, str(script), node.address, str(journal)], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == -9 and "done" in out.stdout, out.stderr
+    jobs = clusterpy.recover_jobs(journal, timeout=30)
+    assert [float(job.args[0][0]) for job in jobs] == [0.0, 1.0, 2.0]
+    assert all(job.args[0].shape == (100_000,) and np.all(job.result == job.args[0] * 3.0) for job in jobs)
