@@ -526,6 +526,9 @@ class _Runtime:
             return
         if self.journal is not None:
             self.record("done", msg.job_id, link.node_id, msg)
+            # In the file before the caller can see the result: the node forgets a result once
+            # sent, so a crash right after job() returned must not lose it.
+            self.journal.flush()
         status, result, exc = apply_report(job, msg, ip_addr=link.ip_addr, node_id=link.node_id,
                                            hostname=link.hostname, where=f"on node {link.name}")
         self.finish(job, status, result=None if result is DROPPED else result, exc=exc)
