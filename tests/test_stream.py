@@ -161,6 +161,34 @@ async def test_a_message_with_out_of_band_blobs_crosses_intact():
     assert [type(job.args) for job in echoed.jobs] == [memoryview, memoryview, bytes]
 
 
+async def test_large_payloads_are_paced_into_the_transport_in_order():
+    # A 32 MB payload is handed to the transport a piece at a time as it drains, so the
+    # transport never holds (and copies) most of it; small frames sent after it stay behind it.
+    big = [os.urandom(32 << 20), os.urandom(8 << 20)]
+    release = asyncio.Event()
+
+    async def handler(conn: Connection) -> None:
+        await release.wait()  # let the client's side fill up first
+        for _ in range(2 + 100):
+            conn.send(await conn.recv())
+        await conn.drain()
+
+    async with Server(handler) as srv:
+        async with await srv.connect() as conn:
+            conn.send(big[0])
+            for i in range(100):
+                conn.send(b"small %d" % i)
+            conn.send(big[1])
+            await asyncio.sleep(0)  # the turn ends: the corked frames are flushed
+            await asyncio.sleep(0.05)
+            assert conn._unsent and conn._transport.get_write_buffer_size() < 1 << 20
+            release.set()
+            await conn.drain()
+            assert not conn._unsent
+            echoed = [await conn.recv() for _ in range(102)]
+    assert echoed == [big[0], *[b"small %d" % i for i in range(100)], big[1]]
+
+
 async def test_wrong_secret_refused_on_both_sides_then_good_client_accepted(caplog):
     caplog.set_level(logging.WARNING, logger="clusterpy.transport")
     async with Server(echo) as srv:

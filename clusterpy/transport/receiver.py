@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 from ..errors import ProtocolError
 from ..protocol.framing import FrameDecoder
@@ -36,6 +37,9 @@ class Receiver(asyncio.BufferedProtocol):
         self.readable: asyncio.Future[None] | None = None
         self.write_paused = False
         self.writable: asyncio.Future[None] | None = None
+        #: Called when the transport drains below its low-water mark (the connection writes
+        #: its queued large parts then).
+        self.on_writable: Callable[[], None] | None = None
         self.closed: asyncio.Future[None] = loop.create_future()
 
     # -- asyncio callbacks
@@ -77,7 +81,9 @@ class Receiver(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.writable is not None and not self.writable.done():
+        if self.on_writable is not None:
+            self.on_writable()
+        if not self.write_paused and self.writable is not None and not self.writable.done():
             self.writable.set_result(None)
 
     # -- used by Connection

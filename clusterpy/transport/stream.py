@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import ssl as _ssl
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -58,6 +59,8 @@ READ_SIZE = 256 * 1024
 # the results of a whole batch of jobs), or at once past this many bytes: big frames gain
 # nothing from waiting.
 _CORK_BYTES = 64 * 1024
+# Large parts are handed to the transport in pieces of this size (see Connection._pump).
+_PIECE = 256 * 1024
 # How long closing may wait for the peer to take our last bytes (e.g. a refusal).
 _CLOSE_TIMEOUT = 2.0
 _Handshake = ClientHandshake | ServerHandshake
@@ -120,9 +123,12 @@ class Connection:
         self._receiving = False
         self._corked: list[bytes | bytearray | memoryview] = []
         self._corked_bytes = 0
+        # Bytes of large parts not handed to the transport yet (see _pump), in order.
+        self._unsent: deque[memoryview] = deque()
         self._flush_scheduled = False
         self._before_flush: list[Callable[[], None]] = []
         self._protocol = Receiver(decoder, self._loop)
+        self._protocol.on_writable = self._pump
         self._take_over(reader)
         #: The peer's authenticated role label.
         self.peer_role = peer_role
@@ -250,18 +256,48 @@ class Connection:
         parts, self._corked, self._corked_bytes = self._corked, [], 0
         if self._error is not None or self._transport.is_closing():
             return
-        write = self._transport.write
+        unsent = self._unsent
         small: list[bytes | bytearray | memoryview] = []
         for part in parts:
             if len(part) < _CORK_BYTES:
                 small.append(part)
                 continue
             if small:
-                write(b"".join(small))
+                self._write_small(small)
                 small = []
-            write(part)
+            unsent.append(memoryview(part).cast("B"))
         if small:
-            write(small[0] if len(small) == 1 else b"".join(small))
+            self._write_small(small)
+        if unsent:
+            self._pump()
+
+    def _write_small(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        joined = parts[0] if len(parts) == 1 else b"".join(parts)
+        if self._unsent:  # behind large parts still queued: keep the order
+            self._unsent.append(memoryview(joined).cast("B"))
+        else:
+            self._transport.write(joined)
+
+    def _pump(self) -> None:
+        """Hand large parts to the transport a piece at a time, while it is below its
+        high-water mark (and again each time it drains: ``resume_writing``).
+
+        A transport copies whatever the socket does not take at once into its own buffer
+        (asyncio's selector transport does, up to Python 3.11): written whole, an 8 MB payload
+        would mostly be copied once more. Written in pieces, at most one piece is."""
+        unsent, proto = self._unsent, self._protocol
+        if self._error is not None or self._transport.is_closing():
+            unsent.clear()
+            return
+        write = self._transport.write
+        while unsent and not proto.write_paused:
+            view = unsent[0]
+            if len(view) <= _PIECE:
+                unsent.popleft()
+                write(view)
+            else:
+                unsent[0] = view[_PIECE:]
+                write(view[:_PIECE])
 
     async def drain(self) -> None:
         """Wait until the write buffer is below its high-water mark.
@@ -273,7 +309,7 @@ class Connection:
         # Corked frames (under 64 KiB in all) are not flushed here: they go out at the end
         # of the loop turn with whatever else is sent in it.
         proto = self._protocol
-        while proto.write_paused and not proto.closed.done():
+        while (proto.write_paused or self._unsent) and not proto.closed.done():
             await proto.wait_writable()
             self._check_open()
         if proto.closed.done():
@@ -322,6 +358,9 @@ class Connection:
         """Start closing (queued bytes are still flushed). Idempotent."""
         if not self._closed:
             self._flush()
+            if not self._transport.is_closing():
+                while self._unsent:  # the transport buffers them and sends them before closing
+                    self._transport.write(self._unsent.popleft())
             self._closed = True
             self._transport.close()
             self._protocol._wake()
