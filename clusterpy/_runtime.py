@@ -94,6 +94,7 @@ class _NodeLink(NodeLink):
         self.cpu_time = 0.0
         self.score = 1.0  # the node's benchmark score (clusterpy.benchmark), from its handshake
         self.pending_submit: list[m.JobRequest] = []
+        self.where = f"on node {self.name}"  # for the messages of its jobs' reports (made once)
         # This node's own computation and files (JobCluster._accept_node may set them; dispy's
         # NodeAllocate gives nodes their own setup_args and depends); None: the cluster's.
         self.deployment: tuple[m.DeployComputation, deps_mod.Dependencies] | None = None
@@ -495,44 +496,51 @@ class _Runtime:
             raise ProtocolError(f"unexpected message from a node: {type(msg).__name__}")
 
     def _on_done(self, link: _NodeLink, msg: m.JobDone) -> None:
-        assert link.node_id is not None
-        ran = msg.end_time - msg.start_time if msg.status in ("finished", "exception") else None
-        actions = self.core.handle(JobReported(link.node_id, msg.job_id, msg.attempt,
-                                               worker_died=msg.status == "died", duration=ran))
-        if not actions or not isinstance(actions[0], DeliverResult):
-            if msg.status == "died" and msg.job_id in self.jobs:
+        # The per-job path of every result: keep it lean (attributes read once, nothing
+        # formatted unless it is reported).
+        node_id = link.node_id
+        assert node_id is not None
+        job_id, state = msg.job_id, msg.status
+        took = msg.end_time - msg.start_time
+        actions = self.core.handle(JobReported(node_id, job_id, msg.attempt, state == "died",
+                                               took if state == "finished" or state == "exception" else None))
+        if not actions or type(actions[0]) is not DeliverResult:
+            if state == "died" and job_id in self.jobs:
                 log.warning("job %s killed its worker on %s; trying it again", msg.job_id, link.name)
             log.debug("discarded a late report of job %s attempt %d from %s", msg.job_id, msg.attempt, link.name)
             self.execute(actions)
             return
-        entry = self.jobs.get(msg.job_id)
+        entry = self.jobs.get(job_id)
         if entry is None:  # resolved meanwhile (cancelled, settled by the trust layer): this report is late
-            log.debug("report of job %s from %s came after the job ended; ignored", msg.job_id, link.name)
+            log.debug("report of job %s from %s came after the job ended; ignored", job_id, link.name)
             self.execute(actions[1:])
             return
         job = entry[0]
-        if job.status is JobStatus.Created and msg.status != "cancelled":
+        if job.status is JobStatus.Created and state != "cancelled":
             # A short job is reported by its end alone (the node reports starts a moment late):
             # it still goes through Running, as callbacks and dispy's job_status expect.
             self._mark_running(job, link, msg.start_time)
-        self.midjob.ended(msg.job_id)
+        self.midjob.ended(job_id)
+        cpu_time = msg.cpu_time
         link.jobs_done += 1
-        link.cpu_time += msg.cpu_time
-        self.stats.reported(link.node_id, job._key, _userdata.size(msg.result) + len(msg.stdout) + len(msg.stderr),
-                            msg.cpu_time, msg.end_time - msg.start_time)
-        if self.trust is not None and self.trust.manages(job):
-            self.trust.on_done(link, msg)  # one replica's report: the trust core decides
+        link.cpu_time += cpu_time
+        self.stats.reported(node_id, job._key, _userdata.size(msg.result) + len(msg.stdout) + len(msg.stderr),
+                            cpu_time, took)
+        trust = self.trust
+        if trust is not None and trust.manages(job):
+            trust.on_done(link, msg)  # one replica's report: the trust core decides
             self.execute(actions[1:])
             return
         if self.journal is not None:
-            self.record("done", msg.job_id, link.node_id, msg)
+            self.record("done", job_id, node_id, msg)
             # In the file before the caller can see the result: the node forgets a result once
             # sent, so a crash right after job() returned must not lose it.
             self.journal.flush()
-        status, result, exc = apply_report(job, msg, ip_addr=link.ip_addr, node_id=link.node_id,
-                                           hostname=link.hostname, where=f"on node {link.name}")
+        status, result, exc = apply_report(job, msg, ip_addr=link.ip_addr, node_id=node_id,
+                                           hostname=link.hostname, where=link.where)
         self.finish(job, status, result=None if result is DROPPED else result, exc=exc)
-        self.execute(actions[1:])
+        if len(actions) > 1:
+            self.execute(actions[1:])
 
     def _mark_running(self, job: ClusterJob, link: _NodeLink, start_time: float) -> None:
         job.status = JobStatus.Running

@@ -33,6 +33,13 @@ Decisions, in one place:
 * **One wake-up per batch.** ``put`` wakes the loop (``call_soon_threadsafe``: a write to its
   self-pipe) only for the first item of a batch; a submitter that runs ahead of the loop adds
   to the pending batch for free.
+* **The submitter yields to the loop.** A thread submitting in a tight loop holds the GIL; the
+  woken loop thread would get it only at the interpreter's switch interval (5 ms), so jobs
+  would wait undispatched and nodes idle while a long ``for`` loop submits (5,000 trivial jobs:
+  none had run by the end of their submission). Once :data:`PACE` items wait for a drain the
+  loop has not run yet, ``put`` blocks until it runs (a blocked thread releases the GIL): the
+  loop dispatches, and handles the results that came meanwhile, every ``PACE`` submissions.
+  Never in the loop thread or in a coroutine (``submit_async``), which must not block.
 """
 
 from __future__ import annotations
@@ -55,6 +62,11 @@ log = logging.getLogger("clusterpy.client")
 
 #: Jobs a JobCluster holds waiting for dispatch before submit() blocks (about 100 MB at ~1 KB each).
 DEFAULT_MAX_QUEUED = 100_000
+
+#: Items handed to the loop and not drained yet at which a submitting thread waits for the drain.
+PACE = 64
+#: The longest a submitter waits for a drain (a loop that is stopping never drains).
+_PACE_WAIT = 0.05
 
 
 #: Argument types that plain pickle writes exactly as cloudpickle does (no code, no classes).
@@ -130,6 +142,8 @@ class SubmitQueue:
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._items: list[Any] = []
         self._drain_scheduled = False
+        self._drains = 0  # drains so far: a pacing submitter waits for the next one
+        self._drained = threading.Condition(self._lock)
         self._closed = False
         self._loop_ident: int | None = None
 
@@ -265,6 +279,7 @@ class SubmitQueue:
         with self._lock:
             self._closed = True
             self._wake_all()
+            self._drained.notify_all()  # a pacing submitter need not wait for a loop that stops
 
     # ------------------------------------------------------------ hand-off to the loop
 
@@ -276,8 +291,15 @@ class SubmitQueue:
         ClusterClosedError is raised.
         """
         with self._lock:
-            self._items.append(item)
+            items = self._items
+            items.append(item)
             if self._drain_scheduled:
+                if len(items) % PACE == 0 and not self._closed and self._may_pace():
+                    drains = self._drains
+                    self._drained.wait(_PACE_WAIT)  # releases the GIL: the loop thread drains
+                    if self._drains == drains:
+                        log.debug("submit: the event loop did not drain %d submissions within %gs",
+                                  len(self._items), _PACE_WAIT)
                 return
             self._drain_scheduled = True
         try:
@@ -289,10 +311,17 @@ class SubmitQueue:
             on_orphaned(orphans)
             raise ClusterClosedError("this cluster is closed; create a new JobCluster to submit jobs") from None
 
+    def _may_pace(self) -> bool:
+        """Whether ``put`` may block this thread: not the loop thread, not a coroutine."""
+        return threading.get_ident() != self._loop_ident and asyncio._get_running_loop() is None
+
     def _drain(self) -> None:
         with self._lock:
             items, self._items = self._items, []
             self._drain_scheduled = False
+            self._drains += 1
+            if len(items) >= PACE:
+                self._drained.notify_all()
         if items:
             self._deliver(items)
 

@@ -148,6 +148,8 @@ class FileReceiver:
 
     def abort_job(self, replica_id: str) -> None:
         """Discard the unfinished transfers of one job's run (it ended or was lost)."""
+        if not self._open and not self._refused:  # the common case, once per job: nothing to scan
+            return
         for key in [k for k in self._open if k[0] == replica_id]:
             self._abort(key)
         for key in [k for k in self._refused if k[0] == replica_id]:

@@ -126,3 +126,17 @@ def test_the_journal_keeps_out_of_band_arguments_and_results(node, tmp_path):
     jobs = clusterpy.recover_jobs(journal, timeout=30)
     assert [float(job.args[0][0]) for job in jobs] == [0.0, 1.0, 2.0]
     assert all(job.args[0].shape == (100_000,) and np.all(job.result == job.args[0] * 3.0) for job in jobs)
+
+
+def test_numpy_arrays_cross_a_shared_scheduler(start_node, tmp_path):
+    # The scheduler is one more hop: it relays the buffers from the views it decoded.
+    from .test_shared import SchedulerProcess
+
+    scheduler = SchedulerProcess(tmp_path, [start_node(cpus=2)], ())
+    try:
+        arrays = [np.full(300_000, float(i)) for i in range(4)]
+        with clusterpy.SharedJobCluster(scale, scheduler.address) as cluster:
+            results = [job() for job in [cluster.submit(a, 2.0) for a in arrays]]
+    finally:
+        scheduler.stop()
+    assert all(np.array_equal(result, a * 2.0) and writeable for (result, (_, writeable)), a in zip(results, arrays))
