@@ -246,11 +246,13 @@ class Connection:
     def _flush(self) -> None:
         """Hand the queued frames to the transport: small parts joined into one write, large
         ones (a big payload) written as they are, so they are not copied into a join."""
-        self._flush_scheduled = False
+        # The hooks' sends join this flush: the flag stays set while they run, so they do not
+        # schedule another (empty) one, a loop iteration per batch.
         while self._before_flush:
             hooks, self._before_flush = self._before_flush, []
             for produce in hooks:
                 produce()
+        self._flush_scheduled = False
         if not self._corked:
             return
         parts, self._corked, self._corked_bytes = self._corked, [], 0
