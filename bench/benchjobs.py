@@ -12,6 +12,11 @@ def echo(data):
     return bytes(data)
 
 
+def echo_array(array):
+    """C (NumPy): returns the array it received (unpickled here, pickled again to go back)."""
+    return array
+
+
 def spin(n):
     """E: pure-Python CPU work, ``n`` iterations (calibrated by the caller to 0.5 s)."""
     total = 0

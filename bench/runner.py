@@ -19,6 +19,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import benchjobs  # noqa: E402
 import frameworks as fw  # noqa: E402
 import workloads as wl  # noqa: E402
 
@@ -46,6 +47,9 @@ def run(name: str, letters: str, p: wl.Params, iterations: int) -> dict[str, Any
                     values.update(wl.run_b(session, p))
                 elif letter == "C":
                     values.update(wl.run_c(session, p, wl.make_payloads(p)))
+                    session.close()
+                    session = framework.open(benchjobs.echo_array)
+                    values.update(wl.run_c_numpy(session, p))
                 else:
                     values.update(wl.run_e(session, p, iterations))
             except fw.Stalled as exc:

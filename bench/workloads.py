@@ -135,6 +135,29 @@ def run_c(session: Session, p: Params, payloads: list[bytes]) -> dict[str, float
     return out
 
 
+def run_c_numpy(session: Session, p: Params) -> dict[str, float]:
+    """C with NumPy arrays of ``c_bytes`` each (float64) instead of ``bytes``: where pickle-5
+    out-of-band buffers matter. Nothing if NumPy is not installed."""
+    try:
+        import numpy as np
+    except ImportError:
+        return {}
+    rng = np.random.default_rng(7)
+    arrays = [rng.random(p.c_bytes // 8) for _ in range(p.c_jobs)]
+    # Every worker imports NumPy before the clock starts (a first unpickle does).
+    session.gather([session.submit(array[:1000]) for array in arrays[: 4 * p.cpus]])
+    session.reset()
+    start = time.perf_counter()
+    handles = [session.submit(array) for array in arrays]
+    results = session.gather(handles)
+    elapsed = session.finished_at(time.perf_counter()) - start
+    bad = sum(1 for got, want in zip(results, arrays) if not np.array_equal(got, want))
+    if bad + abs(len(results) - len(arrays)) > session.errors:
+        raise AssertionError(f"C (NumPy): {bad} of {len(arrays)} results are wrong")
+    done = len(arrays) - session.errors
+    return {"C.numpy": 2 * done * p.c_bytes / elapsed / 1e6}
+
+
 def calibrate_spin(seconds: float) -> int:
     """Iterations of :func:`benchjobs.spin` that take ``seconds`` here (best of 3)."""
     n = 200_000
@@ -192,6 +215,7 @@ WORKLOADS: dict[str, Workload] = {
     )),
     "C": Workload("C", benchjobs.echo, (b"x",), (
         Metric("C.mbps", "C. 1 MB in + 1 MB out per job", "MB/s", True, "{:,.1f}"),
+        Metric("C.numpy", "C. the same with 1 MB NumPy arrays", "MB/s", True, "{:,.1f}"),
     )),
     "E": Workload("E", benchjobs.spin, (10,), (
         Metric("E.seconds", "E. 8 x 0.5 s CPU jobs on 2 CPUs (ideal 2.0)", "s", False, "{:.2f}"),
