@@ -6,8 +6,12 @@ Data flow inside one node::
         -> ClientSession (node_session.py): decode message, act
             DeployComputation / FileChunk -> FileStore (content-addressed cache, per-computation dir)
             SubmitJobs -> node-wide FIFO run queue (a slot per CPU)
-                -> WorkerPool.run (persistent worker processes) -> JobDone to the owning client,
-                   or kept on disk while that client is away (crash recovery, partitions)
+                -> WorkerPool.try_run (persistent worker processes; no task per job: the
+                   callback that reads a worker's reply frees the slot, hands the worker the
+                   next queued job and queues the JobDone, all in one loop turn; WorkerPool.run
+                   in a task only when the job must wait for a worker or a computation load)
+                -> JobDone to the owning client (the Connection writes a turn's reports
+                   together), or kept on disk while that client is away (crash recovery, partitions)
             CancelJob / timeout -> WorkerPool.terminate
 
 The node never unpickles user data: job arguments and results are opaque bytes passed between
@@ -307,7 +311,7 @@ class NodeServer:
 
     def status_reply(self, sent: float = 0.0) -> m.StatusReply:
         """The node's state now, for ``clusterpy status`` (``sent`` is echoed back)."""
-        running = sum(1 for c in self.comps.values() for j in c.jobs.values() if j.task is not None and not j.task.done())
+        running = sum(1 for c in self.comps.values() for j in c.jobs.values() if j.started and not j.done)
         try:
             load = os.getloadavg()
         except OSError:  # not available on this platform
@@ -361,7 +365,7 @@ class NodeServer:
             comp.owner = None
         for job in list(comp.jobs.values()):
             await self.cancel(job)
-        running = [j.task for j in comp.jobs.values() if j.task is not None]
+        running = [self._ending(j) for j in comp.jobs.values() if j.started and not j.done]
         if running:
             await asyncio.gather(*running, return_exceptions=True)
         for incoming in comp.incoming.values():
@@ -390,34 +394,74 @@ class NodeServer:
     def _pump(self) -> None:
         # Strict FIFO: a job that needs more free CPUs than there are waits at the head, so
         # a stream of 1-CPU jobs cannot starve it.
-        while self._run_queue:
-            job = self._run_queue[0]
+        queue = self._run_queue
+        while queue:
+            job = queue[0]
             if job.cancelled:
-                self._run_queue.popleft()
+                queue.popleft()
                 continue
-            if self._cpus_of(job) > self._slots:
+            cpus = self._cpus_of(job)
+            if cpus > self._slots:
                 break
-            self._run_queue.popleft()
-            self._slots -= self._cpus_of(job)
-            job.task = self._spawn(self._run(job))  # type: ignore[assignment]
+            queue.popleft()
+            self._slots -= cpus
+            job.cpus = cpus
+            self._start(job)
 
-    async def _run(self, job: QueuedJob) -> None:
+    def _start(self, job: QueuedJob) -> None:
+        """Give ``job`` to a worker: at once if one is ready for it (no task: its end is handled
+        in the callback that reads the worker's reply, which also starts the next job), else
+        through a task that waits for a worker and loads the computation."""
+        job.started = True
         req = job.request
-        timer = None
+        owner = job.comp.owner
+        if owner is not None:
+            owner.started(job)
+        if req.timeout is not None and req.timeout > 0:
+            job.timer = asyncio.get_running_loop().call_later(req.timeout, self._time_out, job)
+        work = WorkerJob(job.key, job.comp.comp_id, req.args)
+        on_message = (lambda msg: self._job_message(job, msg))
         try:
-            if job.comp.owner is not None:
-                job.comp.owner.started(job)
-            if req.timeout is not None and req.timeout > 0:
-                timer = asyncio.get_running_loop().call_later(req.timeout, self._time_out, job)
-            outcome = await self.pool.run(WorkerJob(job.key, job.comp.comp_id, req.args),
-                                          on_message=lambda msg: self._job_message(job, msg))
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self._slots += self._cpus_of(job)
-            self._pump()
+            if self.pool.try_run(work, lambda outcome: self._ended(job, outcome), on_message=on_message):
+                return
+        except BaseException:
+            self._over(job)
+            raise
+        job.task = self._spawn(self._run(job, work, on_message))  # type: ignore[assignment]
+
+    async def _run(self, job: QueuedJob, work: WorkerJob, on_message: Callable[[JobMessage], None]) -> None:
+        try:
+            outcome = await self.pool.run(work, on_message=on_message)
+        except BaseException:
+            self._over(job)
+            raise
+        self._ended(job, outcome)
+
+    def _ended(self, job: QueuedJob, outcome: JobOutcome) -> None:
+        """The worker is done with ``job``: free its slots and start what waits for them (the
+        next job reaches a worker before this one's report is made), then report it."""
+        self._over(job)
         self.jobs_done += 1
-        await self._report(job, outcome)
+        self._report(job, outcome)
+
+    def _over(self, job: QueuedJob) -> None:
+        if job.done:
+            return
+        job.done = True
+        if job.timer is not None:
+            job.timer.cancel()
+        if job.ended is not None and not job.ended.done():
+            job.ended.set_result(None)
+        self._slots += job.cpus
+        self._pump()
+
+    def _ending(self, job: QueuedJob) -> asyncio.Future[None]:
+        """A future resolved once a started job is over."""
+        if job.ended is None:
+            job.ended = asyncio.get_running_loop().create_future()
+            if job.done:
+                job.ended.set_result(None)
+        return job.ended
 
     def _job_message(self, job: QueuedJob, msg: JobMessage) -> None:
         """Forward a provisional result or a file piece to the job's client, in order (dropped
@@ -439,13 +483,13 @@ class NodeServer:
     async def cancel(self, job: QueuedJob) -> None:
         """Cancel a queued job at once, or terminate the worker running it."""
         job.cancelled = True
-        if job.task is None:
+        if not job.started:
             try:
                 self._run_queue.remove(job)
             except ValueError:
                 pass
             now = time.time()
-            await self._report(job, JobOutcome(
+            self._report(job, JobOutcome(
                 job.key, "cancelled", None, None, None, None, None, b"", b"", now, now, 0.0, None))
         else:
             await self.pool.terminate(job.key)
@@ -453,7 +497,7 @@ class NodeServer:
     def recall(self, job: QueuedJob) -> bool:
         """Take back a job that has not started (the client runs it elsewhere); False if it
         has started, or ended, already."""
-        if job.task is not None or job.cancelled:
+        if job.started or job.cancelled:
             return False
         try:
             self._run_queue.remove(job)
@@ -462,7 +506,9 @@ class NodeServer:
         job.comp.jobs.pop(job.key, None)
         return True
 
-    async def _report(self, job: QueuedJob, outcome: JobOutcome) -> None:
+    def _report(self, job: QueuedJob, outcome: JobOutcome) -> None:
+        """Send the job's JobDone to its client (queued: it goes out at the end of this loop
+        turn, with the others), or keep it on disk while the client is away."""
         comp = job.comp
         comp.jobs.pop(job.key, None)
         if self.comps.get(comp.comp_id) is not comp:
@@ -470,12 +516,11 @@ class NodeServer:
         message = job_done_message(job, outcome)
         owner = comp.owner
         if owner is not None and not owner.conn.closed:
-            owner.deliver(message)
             try:
-                await owner.conn.drain()
+                owner.deliver(message, job.key)
+                return
             except (ClusterError, OSError):
-                pass
-            return
+                pass  # the connection broke just now: kept, as for a client that is away
         used = sum(c.kept_bytes for c in self.comps.values())
         if used + _userdata.size(message.result) + len(message.stdout) + len(message.stderr) > self.max_kept_bytes:
             log.warning("kept-results budget (%d bytes) full: dropping the result of job %s", self.max_kept_bytes, job.key)

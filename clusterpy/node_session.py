@@ -56,14 +56,23 @@ _LEN = struct.Struct(">I")
 START_REPORT_DELAY = 0.002
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class QueuedJob:
+    """A job on this node: queued, then ``started`` (given CPU slots), then ``done`` (its
+    slots are free again; its report is sent or kept). Slots: 100,000 of them may be queued."""
+
     comp: "Computation"
     request: m.JobRequest
     key: str  # unique on this node: comp_id/job_id/attempt
     cancelled: bool = False
     timed_out: bool = False
+    started: bool = False
+    done: bool = False
+    cpus: int = 0  # the CPU slots it holds once started
+    # Only for a job that had to wait for a worker (WorkerPool.run): most run without a task.
     task: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None  # its timeout
+    ended: asyncio.Future[None] | None = None  # made only when someone waits for its end
 
 
 @dataclass(eq=False)
@@ -130,7 +139,7 @@ class ClientSession:
         self.conn = conn
         self.comps: dict[str, Computation] = {}
         self.last_heard = time.monotonic()
-        self._started: dict[str, tuple[str, m.JobStart]] = {}  # job key -> not yet reported start
+        self._started: dict[str, tuple[QueuedJob, float]] = {}  # job key -> (job, its start) not yet reported
         self._start_timer: asyncio.TimerHandle | None = None
         self._closing = False
 
@@ -426,29 +435,49 @@ class ClientSession:
         first), which saves a message each way and a wake-up of the client mid-job."""
         if self.conn.closed:
             return  # the client is away: it learns of the job from its result
-        self._started[job.key] = (job.comp.comp_id, m.JobStart(job.request.job_id, job.request.attempt, time.time()))
+        self._started[job.key] = (job, time.time())
         if self._start_timer is None:
             self._start_timer = asyncio.get_running_loop().call_later(START_REPORT_DELAY, self._report_started)
 
     def _report_started(self) -> None:
         self._start_timer = None
-        if not self.conn.closed:
+        if self._started and not self.conn.closed:
             self.conn.before_flush(self._flush_started)  # with whatever else goes out this turn
 
-    def _flush_started(self) -> None:
+    def _flush_started(self, everything: bool = False) -> None:
+        """Report the jobs that have run START_REPORT_DELAY seconds (``everything``: all the
+        jobs running), oldest first; the timer is armed again for the rest. Jobs that ended
+        already were taken out by deliver(): their JobDone went out first."""
+        now = time.time()
+        # Entries are in start order. (The slack: the timer's clock is not time.time().)
+        cutoff = now if everything else now - START_REPORT_DELAY + 0.0001
+        due: list[str] = []
         by_comp: dict[str, list[m.JobStart]] = {}
-        for comp_id, start in self._started.values():
-            by_comp.setdefault(comp_id, []).append(start)
-        self._started.clear()
+        for key, (job, began) in self._started.items():
+            if began > cutoff:
+                if self._start_timer is None and not self.conn.closed:
+                    self._start_timer = asyncio.get_running_loop().call_later(
+                        began + START_REPORT_DELAY - now, self._report_started)
+                break
+            due.append(key)
+            by_comp.setdefault(job.comp.comp_id, []).append(m.JobStart(job.request.job_id, job.request.attempt, began))
+        for key in due:
+            del self._started[key]
         for comp_id, starts in by_comp.items():
             self.send(m.JobsStarted(comp_id, tuple(starts)))
 
-    def deliver(self, message: m.JobDone | m.JobProgress | m.JobFile) -> None:
-        key = f"{message.comp_id}/{message.job_id}/{message.attempt}"
-        if isinstance(message, m.JobDone):
-            self._started.pop(key, None)  # its end carries its start time
+    def deliver(self, message: m.JobDone | m.JobProgress | m.JobFile, key: str | None = None) -> None:
+        """Send a job's message; ``key`` is its job's key, if the caller has it at hand."""
+        if key is None:
+            key = f"{message.comp_id}/{message.job_id}/{message.attempt}"
+        if type(message) is m.JobDone:
+            # Its end carries its start time. With no job left to report, the timer goes too:
+            # it would only wake the loop for nothing.
+            if self._started.pop(key, None) is not None and not self._started and self._start_timer is not None:
+                self._start_timer.cancel()
+                self._start_timer = None
         elif key in self._started:
-            self._flush_started()  # Running reaches the client before the job's first message
+            self._flush_started(everything=True)  # Running reaches the client before the job's first message
         self.send(message)
 
 

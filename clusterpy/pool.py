@@ -17,6 +17,11 @@ Data flow::
                     ▲                                              │
     JobOutcome ◀────┴── future resolved by _WorkerProtocol ◀── stdout pipe (frames)
 
+    try_run(job, on_done) ── the node's way, no task per job: only on an idle worker that has
+        the computation loaded (else False: use run()). The reply slot is a _ReplyHook, not a
+        future: the callback that reads the reply releases the worker and calls on_done at
+        once, which can hand that worker its next job in the same loop turn.
+
     process exits ──▶ _WorkerProtocol.connection_lost ──▶ _Worker._finish():
         the outstanding call fails with _WorkerGone → run() returns a "died" (or
         "terminated") outcome with the exit code and the output collected so far, and
@@ -40,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +120,24 @@ class JobOutcome:
     end_time: float
     cpu_time: float
     exit_code: int | None
+
+
+_OUTCOME_FIELDS = frozenset(JobOutcome.__dataclass_fields__)
+
+
+def _outcome(fields: dict[str, Any]) -> JobOutcome:
+    """``JobOutcome(**fields)`` for a worker's "done" reply, at a fifth of the cost (a frozen
+    dataclass's ``__init__`` sets each of its 13 fields through ``object.__setattr__``): once
+    the keys are checked, the fields fill the new instance's ``__dict__`` directly.
+
+    Raises:
+        TypeError: ``fields`` is not a dict of exactly the JobOutcome fields.
+    """
+    if type(fields) is not dict or fields.keys() != _OUTCOME_FIELDS:
+        return JobOutcome(**fields)  # raises a TypeError that names the wrong field
+    outcome = object.__new__(JobOutcome)
+    outcome.__dict__.update(fields)
+    return outcome
 
 
 @dataclass(frozen=True)
@@ -251,6 +274,10 @@ class _Worker:
             pipe = pipe_transport.get_extra_info("pipe") if pipe_transport is not None else None
             if pipe is not None:
                 enlarge_pipe(pipe.fileno(), self.pool._pipe_size)
+        if isinstance(stdout, asyncio.ReadTransport):
+            # Data read from here on is handled in the read callback (see _ChannelReader);
+            # what was read before still comes through pipe_data_received, in order.
+            stdout.set_protocol(_ChannelReader(self, stdout.get_protocol()))
 
     def on_data(self, data: bytes) -> None:
         try:
@@ -347,6 +374,66 @@ class _Worker:
         self.exited.set_result(self.returncode)
         self.transport.close()
         self.pool._worker_exited(self)
+
+
+class _ChannelReader(asyncio.Protocol):
+    """The protocol of a worker's stdout pipe: data goes straight to ``_Worker.on_data``.
+
+    asyncio's subprocess transport hands pipe data to the SubprocessProtocol through
+    ``call_soon``: a loop turn between reading a worker's reply and handling it. Set on the
+    pipe's transport in place of asyncio's own pipe protocol, this one handles the data in
+    the read callback itself, and passes EOF and the pipe's loss on to asyncio's protocol, so
+    the subprocess transport still sees its pipe close (pipe_connection_lost, then
+    connection_lost once the process exited too)."""
+
+    def __init__(self, worker: _Worker, inner: asyncio.BaseProtocol) -> None:
+        self.worker = worker
+        self.inner = inner
+
+    def data_received(self, data: bytes) -> None:
+        self.worker.on_data(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if isinstance(self.inner, asyncio.Protocol) else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+
+class _ReplyHook:
+    """The reply slot of a job started by :meth:`WorkerPool.try_run`. It stands where
+    ``_Worker.pending`` holds a future for a call, and ``_Worker.on_data`` / ``finish`` resolve
+    it the same way (``done()``, ``set_result``, ``set_exception``); but it ends the job at
+    once, in the callback that read the reply, instead of waking a task a loop turn later."""
+
+    __slots__ = ("pool", "worker", "job", "start", "on_done", "_done")
+
+    def __init__(self, pool: WorkerPool, worker: _Worker, job: WorkerJob, start: float,
+                 on_done: Callable[[JobOutcome], None]) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.job = job
+        self.start = start
+        self.on_done = on_done
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, reply: tuple[Any, ...]) -> None:
+        self._done = True
+        self.pool._reply_ran(self, reply)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._done = True
+        pool, returncode = self.pool, getattr(exc, "returncode", None)
+        if pool._state == "open":
+            pool._start_task(pool._reply_lost(self, returncode))
+        else:  # closing: no task may outlive aclose(), and its capture files go with it
+            pool._end_lost(self, pool._lost_fields(self.worker, self.job, self.start, returncode, b"", b""))
 
 
 class _WorkerProtocol(asyncio.SubprocessProtocol):
@@ -585,11 +672,7 @@ class WorkerPool:
                 worker.loaded[spec.comp_id] = spec
                 if reply[2] is not None:
                     log.warning("setup of computation %s failed in worker %d: %s", spec.comp_id, worker.pid, reply[2])
-            # The options travel only when they changed (the worker keeps the last ones).
-            options = None if worker.options == self.job_options else dict(self.job_options)
-            if options is not None:
-                worker.options = options
-            reply = await worker.call(("run", job.job_id, job.comp_id, job.args, options), _userdata.size(job.args))
+            reply = await worker.call(self._run_message(worker, job), _userdata.size(job.args))
         except _WorkerGone as gone:
             return await self._lost_outcome(worker, job, start, gone.returncode)
         except BaseException:
@@ -603,7 +686,90 @@ class WorkerPool:
             worker.job_id = None
             worker.on_message = None
         self._release(worker)
-        return JobOutcome(**reply[1])
+        return _outcome(reply[1])
+
+    def try_run(self, job: WorkerJob, on_done: Callable[[JobOutcome], None], *,
+                on_message: Callable[[JobMessage], None] | None = None) -> bool:
+        """Start ``job`` now, without a task, if an idle worker has its computation loaded
+        (the steady state); return False, having done nothing, otherwise (no such worker, the
+        pool not open or broken, an unknown computation, the job id already running): call
+        :meth:`run` then, which waits for a worker and loads the computation.
+
+        ``on_done(outcome)`` is called exactly once, in the event loop, with what :meth:`run`
+        would have returned; for a normal end it runs in the callback that read the reply,
+        after the worker is released, so it can start the next job on that worker in the same
+        loop turn. An exception it raises is logged. ``on_message`` and :meth:`terminate` work
+        as for :meth:`run`; there is no task to cancel: terminate the job instead.
+        """
+        if self._state != "open" or self._broken is not None or job.job_id in self._running:
+            return False
+        spec = self._specs.get(job.comp_id)
+        if spec is None:
+            return False
+        for worker in self._idle:
+            if worker.loaded.get(job.comp_id) is spec:
+                break
+        else:
+            return False
+        self._idle.remove(worker)
+        self._running[job.job_id] = worker
+        worker.job_id = job.job_id
+        worker.on_message, worker.file_bytes = on_message, {}
+        worker._write(self._run_message(worker, job), _userdata.size(job.args))
+        worker.pending = _ReplyHook(self, worker, job, time.time(), on_done)  # type: ignore[assignment]
+        return True
+
+    def _run_message(self, worker: _Worker, job: WorkerJob) -> tuple[Any, ...]:
+        # The options travel only when they changed (the worker keeps the last ones).
+        options = None if worker.options == self.job_options else dict(self.job_options)
+        if options is not None:
+            worker.options = options
+        return ("run", job.job_id, job.comp_id, job.args, options)
+
+    def _reply_ran(self, hook: _ReplyHook, reply: tuple[Any, ...]) -> None:
+        """The reply of a try_run() job arrived: release its worker, then hand on the outcome."""
+        worker, job_id = hook.worker, hook.job.job_id
+        try:
+            outcome = _outcome(reply[1])
+        except Exception:
+            # As a frame that does not decode: the worker broke the protocol. Its exit ends
+            # the job ("died"), through this same hook.
+            log.exception("worker %d sent a malformed reply to job %s; killing it", worker.pid, job_id)
+            hook._done = False
+            worker.pending = hook  # type: ignore[assignment]
+            worker.kill()
+            return
+        self._running.pop(job_id, None)
+        worker.job_id = None
+        worker.on_message = None
+        self._release(worker)
+        try:
+            hook.on_done(outcome)
+        except Exception:
+            log.exception("handling the outcome of job %s failed", job_id)
+
+    async def _reply_lost(self, hook: _ReplyHook, returncode: int | None) -> None:
+        """The worker of a try_run() job exited under it: the outcome run() would return."""
+        worker, job = hook.worker, hook.job
+        try:
+            outcome = await self._lost_outcome(worker, job, hook.start, returncode)
+        except BaseException:
+            # Cancelled (the pool closes): the job still gets its end, without its output.
+            outcome = self._lost_fields(worker, job, hook.start, returncode, b"", b"")
+            raise
+        finally:
+            self._end_lost(hook, outcome)
+
+    def _end_lost(self, hook: _ReplyHook, outcome: JobOutcome) -> None:
+        # Only now is the job unmarked: until its output was collected, _worker_exited had
+        # to see the worker as busy (an idle one's capture files are removed).
+        self._running.pop(hook.job.job_id, None)
+        hook.worker.job_id = None
+        hook.worker.on_message = None
+        try:
+            hook.on_done(outcome)
+        except Exception:
+            log.exception("handling the outcome of job %s failed", hook.job.job_id)
 
     async def terminate(self, job_id: str) -> bool:
         """Kill the worker running ``job_id`` (its run() then returns "terminated"; the
@@ -760,6 +926,11 @@ class WorkerPool:
         """The outcome of a job whose worker exited under it, with the output it had written."""
         base = output_base(self._capture_dir, worker.pid)
         stdout, stderr = await asyncio.to_thread(collect_output, base)
+        return self._lost_fields(worker, job, start, returncode, stdout, stderr)
+
+    @staticmethod
+    def _lost_fields(worker: _Worker, job: WorkerJob, start: float, returncode: int | None,
+                     stdout: bytes, stderr: bytes) -> JobOutcome:
         if worker.terminating:
             status, exc_type = "terminated", "JobTerminatedError"
             message = f"job {job.job_id} was terminated: its worker process {worker.pid} {_describe_exit(returncode)}"
