@@ -87,7 +87,8 @@ class JobCluster:
         recover_file: keep a journal there, so that if this process dies,
             ``clusterpy.recover_jobs(recover_file)`` collects the jobs' results. Removed on a
             clean close.
-        prefetch: jobs sent ahead per CPU to hide the network round trip.
+        prefetch: jobs sent ahead per CPU to hide the network round trip. None (the default):
+            one, and up to four on a node whose jobs typically end within 2 ms.
         work_stealing: once no job is left to dispatch, a node with an idle CPU takes back the
             jobs sent ahead to a node whose CPUs are all busy (if that node has not started
             them), so a slow job never holds back the jobs queued behind it.
@@ -171,7 +172,7 @@ class JobCluster:
         reentrant: bool = False,
         allowed_failures: int = 3,
         timeout: float | None = None,
-        prefetch: int = 1,
+        prefetch: int | None = None,
         work_stealing: bool = True,
         max_queued: int | None = DEFAULT_MAX_QUEUED,
         submit_timeout: float | None = None,

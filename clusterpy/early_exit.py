@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable, Iterator, 
 
 from ._remote import PARTIAL_ATTR, Chunk
 from .errors import JobCancelledError, JobTerminatedError
+from .executor import _window
 from .job import ClusterJob, JobStatus
 from .progress import DROPPED
 
@@ -33,9 +34,6 @@ if TYPE_CHECKING:
     from .client import JobCluster
 
 __all__ = ["StoppableMap"]
-
-#: Jobs in flight per map when ``buffersize`` is not given (at least this many).
-_MIN_WINDOW = 16
 
 
 class StoppableMap(Iterator[Any]):
@@ -61,7 +59,7 @@ class StoppableMap(Iterator[Any]):
         self.cluster = cluster
         self.stop_when = stop_when
         self.chunksize = chunksize
-        self.window = buffersize or max(_MIN_WINDOW, 2 * sum(n["cpus"] for n in cluster.nodes()) * (1 + cluster.prefetch))
+        self.window = buffersize or _window(cluster, None)
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.stopped = False
         self.stopped_by: Any = None

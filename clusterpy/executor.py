@@ -38,6 +38,7 @@ import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Sequence
 
 from ._remote import PARTIAL_ATTR, Call, Chunk, apply
+from .core.scheduler import MAX_AHEAD
 from .job import ClusterJob
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ def _window(cluster: "JobCluster", buffersize: int | None) -> int:
             raise ValueError(f"buffersize must be a positive int, not {buffersize!r}")
         return buffersize
     cpus = sum(n["cpus"] for n in cluster.nodes())
-    return max(_MIN_WINDOW, 2 * cpus * (1 + cluster.prefetch))
+    ahead = MAX_AHEAD if cluster.prefetch is None else cluster.prefetch  # adaptive: up to MAX_AHEAD
+    return max(_MIN_WINDOW, 2 * cpus * (1 + ahead))
 
 
 def _ordered_results(submit: _Submit, iterables: Sequence[Iterable[Any]], *, chunksize: int,

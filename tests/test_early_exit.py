@@ -8,6 +8,7 @@ import sys
 import threading
 
 import clusterpy
+from clusterpy.core.scheduler import MAX_AHEAD
 from clusterpy import JobStatus
 from clusterpy.errors import JobCancelledError
 from clusterpy.secret import load_secret
@@ -54,7 +55,8 @@ def test_a_search_over_10000_candidates_stops_soon_after_the_needle(start_node):
         stats = cluster.stats()
     assert results == [NEEDLE] and found.stopped and found.stopped_by == NEEDLE
     needle_job = NEEDLE // CHUNK  # 0-based: 46 jobs come before it
-    slots = 2 * 2 * (1 + cluster.prefetch)  # jobs the nodes hold at once
+    ahead = MAX_AHEAD if cluster.prefetch is None else cluster.prefetch  # None: adaptive, up to MAX_AHEAD
+    slots = 2 * 2 * (1 + ahead)  # jobs the nodes hold at once
     assert found.jobs_submitted <= needle_job + 1 + found.window < 10_000 // CHUNK
     finished = [j for j in stats.jobs if j.status == "Finished"]
     cancelled = [j for j in stats.jobs if j.status == "Cancelled"]

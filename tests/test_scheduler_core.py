@@ -407,3 +407,32 @@ def test_no_recall_while_jobs_are_queued_or_when_the_cpus_are_free():
     other.handle(JobsStarted("a", (("j0", 1),)))  # one CPU of a is still free for j1, j2
     assert other.handle(NodeJoined("b", 1)) == []
     assert SchedulerCore(prefetch=1, steal=False).handle(NodeJoined("x", 1)) == []
+
+
+def test_adaptive_prefetch_sends_more_ahead_to_a_node_whose_jobs_are_short():
+    from clusterpy.core.scheduler import MAX_AHEAD
+
+    core = SchedulerCore(prefetch=None)
+    sent = [j for _, j in dispatched(core.handle(NodeJoined("n", 2)))]
+    for i in range(100):
+        sent += [j for _, j in dispatched(core.handle(JobSubmitted(f"j{i}")))]
+    assert len(sent) == 4  # 2 CPUs, one ahead each, before anything is known
+    # Jobs of 0.1 ms: a round trip is as long as many of them; up to MAX_AHEAD per CPU go ahead.
+    for _ in range(6):
+        job_id, attempt = sent.pop(0)
+        sent += [j for _, j in dispatched(core.handle(JobReported("n", job_id, attempt, duration=0.0001)))]
+        core.validate()
+    assert len(sent) == 2 * (1 + MAX_AHEAD)
+    # Long jobs bring it back to one ahead per CPU: no new job until below that.
+    for _ in range(2 * MAX_AHEAD):
+        job_id, attempt = sent.pop(0)
+        sent += [j for _, j in dispatched(core.handle(JobReported("n", job_id, attempt, duration=1.0)))]
+    assert len(sent) == 4
+    core.validate()
+    fixed = SchedulerCore(prefetch=1)  # a fixed prefetch does not adapt
+    fixed.handle(NodeJoined("m", 2))
+    sent = [j for i in range(50) for _, j in dispatched(fixed.handle(JobSubmitted(f"k{i}")))]
+    for _ in range(6):
+        job_id, attempt = sent.pop(0)
+        sent += [j for _, j in dispatched(fixed.handle(JobReported("m", job_id, attempt, duration=0.0001)))]
+    assert len(sent) == 4

@@ -12,8 +12,10 @@ Job lifecycle inside the core (a job's public status is derived from it by the s
     QUEUED/SENT/RUNNING --node lost, not reentrant--> ABANDONED
     QUEUED --cancel--> CANCELLED;  SENT/RUNNING --cancel--> (CancelOnNode, then DONE when reported)
 
-Placement: every ready node keeps up to ``cpus + prefetch`` jobs in flight, so a node's CPUs
-never wait for a network round trip; free slots are handed out round-robin over the nodes
+Placement: every ready node keeps up to ``cpus * (1 + prefetch)`` jobs in flight, so a node's
+CPUs never wait for a network round trip. With ``prefetch=None`` (adaptive) it is 1 job ahead
+per CPU, and more (up to :data:`MAX_AHEAD`) on a node whose jobs typically end within
+:data:`SHORT_JOB`: there a round trip is as long as several jobs. Free slots are handed out round-robin over the nodes
 that have them, which is O(1) per decision whatever the number of nodes or queued jobs.
 Each dispatch carries an attempt number; a report for an attempt that is no longer current
 (a node that came back after its jobs were moved) is discarded, so each job is resolved once.
@@ -28,6 +30,7 @@ already started a recalled job just runs it (its JobsStarted ends the recall).
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +58,12 @@ __all__ = [
     "Event",
     "Action",
 ]
+
+
+#: Adaptive prefetch: jobs that typically end within this many seconds get more jobs ahead...
+SHORT_JOB = 0.002
+#: ... up to this many per CPU.
+MAX_AHEAD = 4
 
 
 class JobState(enum.Enum):
@@ -256,7 +265,8 @@ class SchedulerCore:
     """Decides placement of jobs on nodes.
 
     Args:
-        prefetch: jobs sent ahead per CPU beyond the CPU count (hides the round trip).
+        prefetch: jobs sent ahead per CPU beyond the CPU count (hides the round trip); None:
+            adaptive (1, up to MAX_AHEAD for nodes whose jobs are shorter than SHORT_JOB).
         reentrant: default for jobs on a lost node: resubmit (True) or abandon (False).
         allowed_failures: a job whose attempts were lost this many times is abandoned
             instead of being resubmitted again (a poison job must not kill every node).
@@ -268,7 +278,7 @@ class SchedulerCore:
     #: How many nodes one event may look at for work stealing.
     STEAL_SCAN = 64
 
-    def __init__(self, *, prefetch: int = 1, reentrant: bool = False, allowed_failures: int = 3,
+    def __init__(self, *, prefetch: int | None = 1, reentrant: bool = False, allowed_failures: int = 3,
                  steal: bool = True) -> None:
         self.prefetch = prefetch
         self.steal = steal
@@ -400,6 +410,8 @@ class SchedulerCore:
         node = self._nodes.get(ev.node_id)
         if ev.duration is not None and node is not None:
             self.speeds.observe(node.node_id, ev.duration)
+            if self.prefetch is None and not node.distrusted:
+                node.limit = self._limit_for(node)
         if ev.worker_died and not job.cancel_requested:
             job.failures += 1
             if job.reentrant and job.pinned is None and job.failures < self.allowed_failures:
@@ -424,10 +436,11 @@ class SchedulerCore:
         if ev.node_id in self._nodes:
             raise ValueError(f"node {ev.node_id!r} joined twice")
         cpus = max(1, ev.cpus)
-        node = _Node(ev.node_id, cpus, cpus + max(0, self.prefetch) * cpus)
+        node = _Node(ev.node_id, cpus, 0)
         self._nodes[ev.node_id] = node
         self._ring.append(ev.node_id)
         self.speeds.add_node(ev.node_id, ev.speed)
+        node.limit = self._limit_for(node)
         return self._fill(node) + self._steal_for(node)
 
     def _on_node_lost(self, ev: NodeLost) -> list[Action]:
@@ -484,7 +497,7 @@ class SchedulerCore:
             return []
         cpus = max(0, ev.cpus)
         node.cpus = cpus
-        node.limit = cpus + max(0, self.prefetch) * cpus
+        node.limit = self._limit_for(node)
         # Jobs already sent beyond the new limit run to their end; no new ones until below it.
         return self._fill(node)
 
@@ -621,6 +634,14 @@ class SchedulerCore:
         for node_id in passed_over:
             self._free.add(node_id, self._rank(self._nodes[node_id]))
         return actions
+
+    def _limit_for(self, node: _Node) -> int:
+        """Jobs the node may hold: its CPUs, and ``prefetch`` (or the adaptive count) per CPU ahead."""
+        ahead = self.prefetch
+        if ahead is None:
+            typical = self.speeds.observed(node.node_id)
+            ahead = 1 if typical is None else min(MAX_AHEAD, max(1, math.ceil(SHORT_JOB / max(typical, 1e-9))))
+        return node.cpus * (1 + max(0, ahead))
 
     def _rank(self, node: _Node) -> float:
         """A free node's place in line: nodes with an idle CPU first, then by speed."""
