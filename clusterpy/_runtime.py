@@ -118,6 +118,8 @@ class _NodeLink(NodeLink):
                 conn.before_flush(self.flush)
             except ClusterError:
                 return
+            if self.runtime.submitting is not None:
+                self.runtime.submitting.append(self)
         self.pending_submit.append(request)
 
     def flush(self) -> None:
@@ -160,6 +162,8 @@ class _Runtime:
         self.journal: JournalWriter | None = cluster._journal
         self._journal_flush_scheduled = False
         self.idle = asyncio.Event()
+        # While deliver() runs: the links that queued a SubmitJobs batch (flushed at its end).
+        self.submitting: list[_NodeLink] | None = None
         self.idle.set()
         self.dependents = Dependents(self)  # jobs waiting for upstream results (clusterpy.dataflow)
         self.scatter = ScatterState(self)  # scattered objects and their transfers (clusterpy.scatter)
@@ -356,6 +360,7 @@ class _Runtime:
 
     def deliver(self, items: list[tuple[Any, ...]]) -> None:
         """A batch of submissions from user threads (JobCluster._submit_admitted), in order."""
+        self.submitting = []
         for job, blob, timeout, node, upstream in items:
             try:
                 if upstream is not None:
@@ -366,6 +371,12 @@ class _Runtime:
                 log.exception("could not submit job %r", job.id)
                 if not job.done():
                     self.finish(job, JobStatus.Terminated, exc=ClusterError(f"job {job.id!r} could not be submitted: {exc!r}"))
+        # The batch is complete: its jobs leave now, not a loop iteration later (a caller may
+        # be waiting for the first result).
+        links, self.submitting = self.submitting, None
+        for link in links:
+            if link.pending_submit and link.conn is not None and not link.conn.closed:
+                link.conn.flush()
 
     def submit(self, job: ClusterJob, args: bytes, timeout: float | None, node: str | None) -> None:
         self.jobs[job._key] = (job, args, timeout)

@@ -30,6 +30,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -424,17 +425,19 @@ class NodeServer:
         try:
             if self.pool.try_run(work, lambda outcome: self._ended(job, outcome), on_message=on_message):
                 return
-        except BaseException:
-            self._over(job)
-            raise
+        except Exception as exc:
+            self._ended(job, _node_failure(job, exc))
+            return
         job.task = self._spawn(self._run(job, work, on_message))  # type: ignore[assignment]
 
     async def _run(self, job: QueuedJob, work: WorkerJob, on_message: Callable[[JobMessage], None]) -> None:
         try:
             outcome = await self.pool.run(work, on_message=on_message)
-        except BaseException:
+        except asyncio.CancelledError:
             self._over(job)
             raise
+        except Exception as exc:  # the node's own failure (a broken pool): the job still ends, saying why
+            outcome = _node_failure(job, exc)
         self._ended(job, outcome)
 
     def _ended(self, job: QueuedJob, outcome: JobOutcome) -> None:
@@ -606,6 +609,15 @@ def _clean(dest: Path) -> None:
         else:
             entry.unlink()
     log.info("--clean: emptied %s (%d entries)", dest, len(entries))
+
+
+def _node_failure(job: QueuedJob, exc: Exception) -> JobOutcome:
+    """The outcome of a job the node could not run (not the job's fault): an exception that
+    names the node's error, so that the job ends instead of waiting forever."""
+    log.error("job %s could not be run: %r", job.key, exc, exc_info=exc)
+    now = time.time()
+    return JobOutcome(job.key, "exception", None, None, "NodeError", f"the node could not run the job: {exc!r}",
+                      "".join(traceback.format_exception(exc)), b"", b"", now, now, 0.0, None)
 
 
 async def _serve(args: argparse.Namespace, secret: bytes) -> None:

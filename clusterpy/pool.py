@@ -27,6 +27,11 @@ Data flow::
         "terminated") outcome with the exit code and the output collected so far, and
         the pool starts a replacement worker.
 
+One worker process as the pool sees it (its pipes, frames and reply slot) is a
+:class:`~clusterpy._poolworker._Worker`; the data the pool takes and gives
+(:class:`ComputationSpec`, :class:`WorkerJob`, :class:`JobOutcome`, :class:`JobMessage`) is
+in :mod:`clusterpy._workjob`, and exported from here.
+
 Every worker is started in a new session, so ``os.killpg(pid, SIGKILL)`` also kills the
 processes its jobs started; the group is killed again when the worker exits, so no
 orphans survive it. Background tasks (replacing workers, running cleanups) are tracked
@@ -38,21 +43,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pickle
 import shutil
-import signal
 import sys
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 from ._capture import collect_output, output_base, remove_output
 from . import _userdata
-from ._channel import FrameDecoder, encode_frame, enlarge_pipe, pipe_size_for
-from ._channel import loads as channel_loads
+from ._channel import pipe_size_for
+from ._poolworker import EXIT_FLUSH_DELAY, _ReplyHook, _Worker, _WorkerGone, _WorkerProtocol, _describe_exit
+from ._workjob import ComputationSpec, JobMessage, JobOutcome, WorkerJob, outcome_from_reply
 from .errors import ClusterClosedError, ClusterError, ConfigurationError
 
 __all__ = ["ComputationSpec", "WorkerJob", "JobOutcome", "JobMessage", "WorkerPool"]
@@ -63,400 +66,10 @@ log = logging.getLogger("clusterpy.pool")
 START_TIMEOUT = 30.0
 #: Seconds aclose() gives idle workers to run their cleanups before killing them.
 CLOSE_GRACE = 2.0
-#: Seconds to wait, after a worker exited, for its pipes to close (a forked grandchild
-#: outside its process group could hold them open forever).
-EXIT_FLUSH_DELAY = 2.0
 #: Default largest file a job may send back (clusterpy.progress.DEFAULT_MAX_SEND_FILE).
 _DEFAULT_MAX_SEND_FILE = 64 * 1024 * 1024
 #: Delays before each attempt to start a replacement worker; then the pool is broken.
 RESPAWN_DELAYS = (0.0, 0.2, 1.0)
-
-
-@dataclass(frozen=True)
-class ComputationSpec:
-    """A computation as the node hands it to the pool.
-
-    ``bundle`` (kind "function") is ``cloudpickle.dumps({"compute": fn, "setup": fn | None,
-    "cleanup": fn | None, "depends": [...], "setup_args": tuple})`` made in one call, so the
-    functions share their globals. ``program`` (kind "program") is the argv prefix; job
-    arguments are appended with ``str()``. ``workdir`` is an existing absolute directory:
-    the jobs' cwd, prepended to ``sys.path``. ``env`` is set in ``os.environ`` during setup,
-    jobs and cleanup (and so inherited by programs).
-    """
-
-    comp_id: str
-    kind: str
-    workdir: str
-    bundle: bytes | None = field(repr=False)
-    program: list[str] | None
-    env: dict[str, str] | None = None
-
-
-@dataclass(frozen=True)
-class WorkerJob:
-    """One call of a computation: ``args`` is ``cloudpickle.dumps((args_tuple, kwargs_dict))``."""
-
-    job_id: str
-    comp_id: str
-    args: bytes = field(repr=False)
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    """How a job ended. ``status`` is one of "finished", "exception", "died", "terminated",
-    "setup_failed". Blobs are cloudpickle bytes; ``exit_code`` is a program's exit code or
-    a dead worker's return code (negative: killed by that signal)."""
-
-    job_id: str
-    status: str
-    result: bytes | None = field(repr=False)
-    exception: bytes | None = field(repr=False)
-    exc_type: str | None
-    exc_message: str | None
-    traceback: str | None
-    stdout: bytes
-    stderr: bytes
-    start_time: float
-    end_time: float
-    cpu_time: float
-    exit_code: int | None
-
-
-_OUTCOME_FIELDS = frozenset(JobOutcome.__dataclass_fields__)
-
-
-def _outcome(fields: dict[str, Any]) -> JobOutcome:
-    """``JobOutcome(**fields)`` for a worker's "done" reply, at a fifth of the cost (a frozen
-    dataclass's ``__init__`` sets each of its 13 fields through ``object.__setattr__``): once
-    the keys are checked, the fields fill the new instance's ``__dict__`` directly.
-
-    Raises:
-        TypeError: ``fields`` is not a dict of exactly the JobOutcome fields.
-    """
-    if type(fields) is not dict or fields.keys() != _OUTCOME_FIELDS:
-        return JobOutcome(**fields)  # raises a TypeError that names the wrong field
-    outcome = object.__new__(JobOutcome)
-    outcome.__dict__.update(fields)
-    return outcome
-
-
-@dataclass(frozen=True)
-class JobMessage:
-    """Something a running job sent before its end (:mod:`clusterpy.progress`), handed to
-    ``run(..., on_message=)`` in order: a provisional result (``kind`` "progress", ``value``
-    the cloudpickle bytes) or a piece of a file (``kind`` "file": ``name``, ``data``, ``last``;
-    ``error`` if the transfer failed or was refused: what came before it is void)."""
-
-    job_id: str
-    kind: str
-    value: bytes | None = field(default=None, repr=False)
-    name: str = ""
-    data: bytes = field(default=b"", repr=False)
-    last: bool = False
-    error: str | None = None
-
-
-class _WorkerGone(Exception):
-    """The worker process exited while a call to it was outstanding."""
-
-    def __init__(self, returncode: int | None) -> None:
-        super().__init__(returncode)
-        self.returncode = returncode
-
-
-class _BuiltinsOnly(pickle.Unpickler):
-    # Worker frames hold only tuples, dicts, str, bytes, numbers: refuse anything that
-    # would import and call code, so a job writing to the channel cannot reach the node.
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"worker frames may not contain {module}.{name}")
-
-
-def _loads(frame: bytes | bytearray) -> tuple[Any, ...]:
-    message = channel_loads(frame, _BuiltinsOnly)
-    if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
-        raise pickle.UnpicklingError(f"malformed worker message of type {type(message).__name__}")
-    return message
-
-
-def _describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "exited"
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = "signal"
-        return f"was killed by {name} ({-returncode})"
-    return f"exited with status {returncode}"
-
-
-class _Worker:
-    """One worker process as the pool sees it; at most one call is outstanding at a time."""
-
-    def __init__(self, pool: WorkerPool, loop: asyncio.AbstractEventLoop) -> None:
-        self.pool = pool
-        self.loop = loop
-        self.transport: asyncio.SubprocessTransport | None = None
-        self.pid = 0
-        self.decoder = FrameDecoder()
-        # The first reply is the unasked ("ready", pid).
-        self.pending: asyncio.Future[tuple[Any, ...]] | None = loop.create_future()
-        self.exited: asyncio.Future[int | None] = loop.create_future()
-        self.returncode: int | None = None
-        self.ready = False
-        self.loaded: dict[str, ComputationSpec] = {}
-        self.options: dict[str, Any] | None = None  # the job options the worker has
-        self.stdin: asyncio.WriteTransport | None = None
-        self.job_id: str | None = None
-        self.terminating = False
-        self.killed = False
-        # While a job runs: where its mid-job messages go, and the bytes of each file so far.
-        self.on_message: Any = None
-        self.file_bytes: dict[str, int] = {}
-        self._timers: list[asyncio.TimerHandle] = []
-
-    def __repr__(self) -> str:
-        return f"<worker {self.pid} job={self.job_id}>"
-
-    # -- called from the pool ----------------------------------------------------------
-
-    async def call(self, message: tuple[Any, ...], size_hint: int = 0) -> tuple[Any, ...]:
-        """Send ``message`` (holding about ``size_hint`` bytes of blobs) and return the worker's
-        reply; raises _WorkerGone if it exits first."""
-        if self.exited.done():
-            raise _WorkerGone(self.returncode)
-        assert self.pending is None, "one call at a time"
-        self._write(message, size_hint)
-        future = self.pending = self.loop.create_future()
-        try:
-            return await future
-        finally:
-            if self.pending is future:
-                self.pending = None
-
-    def send_exit(self) -> None:
-        """Ask an idle worker to run its cleanups and exit."""
-        if not self.exited.done():
-            self._write(("exit",))
-
-    def kill(self) -> None:
-        """SIGKILL the worker's whole process group (it and every process its jobs started)."""
-        if self.exited.done() or not self.pid:
-            return
-        # Its exit may be seen only later (a reply already in the pipe still arrives): until
-        # then it must not be handed another job, so it leaves the idle list now.
-        self.killed = True
-        if self in self.pool._idle:
-            self.pool._idle.remove(self)
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-    def _write(self, message: tuple[Any, ...], size_hint: int = 0) -> None:
-        assert self.stdin is not None
-        for part in encode_frame(message, size_hint):  # large blobs written from where they are
-            self.stdin.write(part)
-
-    # -- called from _WorkerProtocol ---------------------------------------------------
-
-    def attach(self, transport: asyncio.SubprocessTransport) -> None:
-        self.transport = transport
-        self.pid = transport.get_pid()
-        self.pool._workers.add(self)
-        stdin, stdout = transport.get_pipe_transport(0), transport.get_pipe_transport(1)
-        assert isinstance(stdin, asyncio.WriteTransport)
-        self.stdin = stdin
-        # Bigger pipes: a 1 MB payload crosses in one or two writes, not sixteen. (The read
-        # transport still reads at most 256 KiB per wake-up: larger reads each cost a fresh
-        # mmap, and page faults, even for a 200-byte frame.)
-        for pipe_transport in (stdin, stdout):
-            pipe = pipe_transport.get_extra_info("pipe") if pipe_transport is not None else None
-            if pipe is not None:
-                enlarge_pipe(pipe.fileno(), self.pool._pipe_size)
-        if isinstance(stdout, asyncio.ReadTransport):
-            # Data read from here on is handled in the read callback (see _ChannelReader);
-            # what was read before still comes through pipe_data_received, in order.
-            stdout.set_protocol(_ChannelReader(self, stdout.get_protocol()))
-
-    def on_data(self, data: bytes) -> None:
-        try:
-            messages = [_loads(frame) for frame in self.decoder.feed(data)]
-        except Exception:
-            log.exception("worker %d broke the channel protocol; killing it", self.pid)
-            self.kill()
-            return
-        for message in messages:
-            if message[0] in ("progress", "file"):
-                self._job_message(message)
-                continue
-            future = self.pending
-            if future is None or future.done():
-                # A killed worker's last reply (its call was cancelled, e.g. at close) is expected.
-                log.log(logging.DEBUG if self.killed else logging.WARNING,
-                        "worker %d sent an unexpected %r message", self.pid, message[0])
-                continue
-            self.pending = None
-            future.set_result(message)
-
-    def _job_message(self, message: tuple[Any, ...]) -> None:
-        """Check a mid-job message's shape and size, and pass it on (or drop it: nobody asked)."""
-        try:
-            if message[0] == "progress":
-                _, job_id, value = message
-                if not isinstance(value, (bytes, memoryview)):
-                    raise TypeError("value")
-                out = JobMessage(job_id, "progress", value=value)
-            else:
-                _, job_id, name, data, last, error = message
-                if not (isinstance(name, str) and isinstance(data, (bytes, memoryview)) and isinstance(last, bool)
-                        and (error is None or isinstance(error, str))):
-                    raise TypeError("file fields")
-                size = self.file_bytes.get(name, 0)
-                if size < 0:  # this file was refused: ignore its remaining pieces
-                    if last:
-                        del self.file_bytes[name]
-                    return
-                size += len(data)
-                limit = self.pool.max_send_file
-                if size > limit and error is None:
-                    error = f"file {name!r} is over this node's limit of {limit} bytes for files sent back"
-                    data, last = b"", True
-                    self.file_bytes[name] = -1  # the rest, if any, is dropped
-                elif last:
-                    self.file_bytes.pop(name, None)
-                else:
-                    self.file_bytes[name] = size
-                out = JobMessage(job_id, "file", name=name, data=data, last=last, error=error)
-        except (TypeError, ValueError):
-            log.warning("worker %d sent a malformed %r message; ignored", self.pid, message[0])
-            return
-        if job_id != self.job_id or self.on_message is None:
-            log.debug("worker %d: %s message for job %s that nobody awaits", self.pid, message[0], job_id)
-            return
-        try:
-            self.on_message(out)
-        except Exception:
-            log.exception("handling a %s message of job %s failed", message[0], job_id)
-
-    def on_channel_closed(self) -> None:
-        # A worker closes its channel only by exiting; give it a moment to be seen exiting.
-        self._timers.append(self.loop.call_later(1.0, self._kill_if_alive))
-
-    def _kill_if_alive(self) -> None:
-        if self.returncode is None and not self.exited.done():
-            log.warning("worker %d closed its channel but did not exit; killing it", self.pid)
-            self.kill()
-
-    def on_process_exited(self) -> None:
-        assert self.transport is not None
-        self.returncode = self.transport.get_returncode()
-        # Kill what its jobs left behind in its process group (orphans, or a grandchild
-        # holding the channel open).
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        self._timers.append(self.loop.call_later(EXIT_FLUSH_DELAY, self.finish))
-
-    def finish(self) -> None:
-        """The process exited and its pipes are closed (or the flush delay passed)."""
-        if self.exited.done():
-            return
-        for timer in self._timers:
-            timer.cancel()
-        assert self.transport is not None
-        if self.returncode is None:
-            self.returncode = self.transport.get_returncode()
-        future, self.pending = self.pending, None
-        if future is not None and not future.done():
-            future.set_exception(_WorkerGone(self.returncode))
-        self.exited.set_result(self.returncode)
-        self.transport.close()
-        self.pool._worker_exited(self)
-
-
-class _ChannelReader(asyncio.Protocol):
-    """The protocol of a worker's stdout pipe: data goes straight to ``_Worker.on_data``.
-
-    asyncio's subprocess transport hands pipe data to the SubprocessProtocol through
-    ``call_soon``: a loop turn between reading a worker's reply and handling it. Set on the
-    pipe's transport in place of asyncio's own pipe protocol, this one handles the data in
-    the read callback itself, and passes EOF and the pipe's loss on to asyncio's protocol, so
-    the subprocess transport still sees its pipe close (pipe_connection_lost, then
-    connection_lost once the process exited too)."""
-
-    def __init__(self, worker: _Worker, inner: asyncio.BaseProtocol) -> None:
-        self.worker = worker
-        self.inner = inner
-
-    def data_received(self, data: bytes) -> None:
-        self.worker.on_data(data)
-
-    def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if isinstance(self.inner, asyncio.Protocol) else None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.inner.connection_lost(exc)
-
-
-class _ReplyHook:
-    """The reply slot of a job started by :meth:`WorkerPool.try_run`. It stands where
-    ``_Worker.pending`` holds a future for a call, and ``_Worker.on_data`` / ``finish`` resolve
-    it the same way (``done()``, ``set_result``, ``set_exception``); but it ends the job at
-    once, in the callback that read the reply, instead of waking a task a loop turn later."""
-
-    __slots__ = ("pool", "worker", "job", "start", "on_done", "_done")
-
-    def __init__(self, pool: WorkerPool, worker: _Worker, job: WorkerJob, start: float,
-                 on_done: Callable[[JobOutcome], None]) -> None:
-        self.pool = pool
-        self.worker = worker
-        self.job = job
-        self.start = start
-        self.on_done = on_done
-        self._done = False
-
-    def done(self) -> bool:
-        return self._done
-
-    def cancelled(self) -> bool:
-        return False
-
-    def set_result(self, reply: tuple[Any, ...]) -> None:
-        self._done = True
-        self.pool._reply_ran(self, reply)
-
-    def set_exception(self, exc: BaseException) -> None:
-        self._done = True
-        pool, returncode = self.pool, getattr(exc, "returncode", None)
-        if pool._state == "open":
-            pool._start_task(pool._reply_lost(self, returncode))
-        else:  # closing: no task may outlive aclose(), and its capture files go with it
-            pool._end_lost(self, pool._lost_fields(self.worker, self.job, self.start, returncode, b"", b""))
-
-
-class _WorkerProtocol(asyncio.SubprocessProtocol):
-    def __init__(self, worker: _Worker) -> None:
-        self.worker = worker
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.worker.attach(transport)  # type: ignore[arg-type]
-
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        if fd == 1:
-            self.worker.on_data(data)
-
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd == 1:
-            self.worker.on_channel_closed()
-
-    def process_exited(self) -> None:
-        self.worker.on_process_exited()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.worker.finish()
-
 
 class WorkerPool:
     """``cpus`` persistent worker processes running the jobs of loaded computations.
@@ -686,7 +299,7 @@ class WorkerPool:
             worker.job_id = None
             worker.on_message = None
         self._release(worker)
-        return _outcome(reply[1])
+        return outcome_from_reply(reply[1])
 
     def try_run(self, job: WorkerJob, on_done: Callable[[JobOutcome], None], *,
                 on_message: Callable[[JobMessage], None] | None = None) -> bool:
@@ -730,7 +343,7 @@ class WorkerPool:
         """The reply of a try_run() job arrived: release its worker, then hand on the outcome."""
         worker, job_id = hook.worker, hook.job.job_id
         try:
-            outcome = _outcome(reply[1])
+            outcome = outcome_from_reply(reply[1])
         except Exception:
             # As a frame that does not decode: the worker broke the protocol. Its exit ends
             # the job ("died"), through this same hook.

@@ -296,3 +296,19 @@ def test_a_frame_whose_out_of_band_header_lies_is_refused():
         loads(bytes(forged))
     with pytest.raises(ValueError):  # a buffer the pickle never uses
         loads(payload[:1] + (2).to_bytes(4, "big") + payload[5:13] + (0).to_bytes(8, "big") + payload[13:])
+
+
+async def test_a_large_argument_is_paced_into_the_pipe(pool1, tmp_path):
+    # The pipe transport copies what the pipe does not take at once into its buffer: a 16 MB
+    # argument goes in 256 KiB pieces as the worker reads, so that buffer never holds most of it.
+    pool1.add_computation(spec(tmp_path, echo))
+    payload = os.urandom(16 << 20)
+    running = asyncio.create_task(pool1.run(job(payload)))
+    peak = 0
+    while not running.done():
+        for worker in pool1._workers:
+            if worker.stdin is not None:
+                peak = max(peak, worker.stdin.get_write_buffer_size())
+        await asyncio.sleep(0)
+    assert value(await running) == payload
+    assert peak < 2 << 20

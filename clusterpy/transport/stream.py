@@ -126,6 +126,7 @@ class Connection:
         # Bytes of large parts not handed to the transport yet (see _pump), in order.
         self._unsent: deque[memoryview] = deque()
         self._flush_scheduled = False
+        self._flush_handle: asyncio.Handle | None = None
         self._before_flush: list[Callable[[], None]] = []
         self._protocol = Receiver(decoder, self._loop)
         self._protocol.on_writable = self._pump
@@ -241,7 +242,14 @@ class Connection:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def flush(self) -> None:
+        """Write what is queued now instead of at the end of this loop turn: for a caller that
+        knows its batch is complete and waits for the answer (a round trip's latency)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
 
     def _flush(self) -> None:
         """Hand the queued frames to the transport: small parts joined into one write, large
@@ -253,6 +261,7 @@ class Connection:
             for produce in hooks:
                 produce()
         self._flush_scheduled = False
+        self._flush_handle = None
         if not self._corked:
             return
         parts, self._corked, self._corked_bytes = self._corked, [], 0
