@@ -149,6 +149,9 @@ class ClientSession:
 
     async def serve(self) -> None:
         try:
+            # Most messages are handled as they are read (no task wake-up per message); those
+            # whose handling awaits, and any that arrive meanwhile, come through recv().
+            self.conn.deliver_eagerly(self._handle_now)
             while True:
                 payload = await self.conn.recv()
                 self.last_heard = time.monotonic()
@@ -177,7 +180,34 @@ class ClientSession:
         self.comps.clear()
         await self.conn.aclose()
 
+    def _handle_now(self, payload: bytes | bytearray) -> bool:
+        """Handle a message in the read callback if that needs no await (False: leave it to
+        serve(); also while the client reads our replies slower than we send them, so that
+        serve() waits for the connection to drain before reading on)."""
+        if not self.conn.writable:
+            return False
+        message = codec.decode(payload)
+        if isinstance(message, (m.CancelJob, m.CloseComputation)):
+            return False
+        self.last_heard = time.monotonic()
+        self._handle_sync(message)
+        return True
+
     async def _handle(self, msg: object) -> None:
+        if isinstance(msg, m.CancelJob):
+            comp = self.comps.get(msg.comp_id)
+            job = comp.jobs.get(f"{msg.comp_id}/{msg.job_id}/{msg.attempt}") if comp else None
+            if job is not None:
+                await self.node.cancel(job)
+        elif isinstance(msg, m.CloseComputation):
+            comp = self.comps.pop(msg.comp_id, None)
+            if comp is not None:
+                await self.node.close_computation(comp, keep_files=msg.keep_files or comp.deploy.keep_files)
+        else:
+            self._handle_sync(msg)
+        await self.conn.drain()
+
+    def _handle_sync(self, msg: object) -> None:
         if isinstance(msg, m.SubmitJobs):
             comp = self.comps.get(msg.comp_id)
             if comp is None or not comp.ready:
@@ -209,11 +239,6 @@ class ClientSession:
             if comp is not None:
                 self.node.orphan(comp)
             self.send(m.Detached(msg.comp_id))
-        elif isinstance(msg, m.CancelJob):
-            comp = self.comps.get(msg.comp_id)
-            job = comp.jobs.get(f"{msg.comp_id}/{msg.job_id}/{msg.attempt}") if comp else None
-            if job is not None:
-                await self.node.cancel(job)
         elif isinstance(msg, m.RecallJobs):
             comp = self.comps.get(msg.comp_id)
             given_back = tuple((job_id, attempt) for job_id, attempt in msg.jobs
@@ -221,13 +246,8 @@ class ClientSession:
                                is not None and self.node.recall(job))
             if given_back:
                 self.send(m.JobsRecalled(msg.comp_id, given_back))
-        elif isinstance(msg, m.CloseComputation):
-            comp = self.comps.pop(msg.comp_id, None)
-            if comp is not None:
-                await self.node.close_computation(comp, keep_files=msg.keep_files or comp.deploy.keep_files)
         else:
             self.node.handle_other(self, msg)
-        await self.conn.drain()
 
     # ---------------------------------------------------------------- deployment
 

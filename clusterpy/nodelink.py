@@ -222,6 +222,21 @@ class NodeLink:
                 delay = min(delay * 2, 5.0)
         return None
 
+    def _on_payload(self, payload: bytes | bytearray) -> bool:
+        """Handle one message from the node (ProtocolError: it is malformed)."""
+        self.last_heard = time.monotonic()
+        msg = codec.decode(payload)
+        if isinstance(msg, (m.FilesNeeded, m.ComputationReady, m.ComputationFailed)) and self._on_deploy_reply(msg):
+            return True
+        if isinstance(msg, m.Ping):
+            self.send(m.Pong(msg.sent))
+            return True
+        try:
+            self.owner.link_message(self, msg)
+        except Exception:  # a bug of ours must be loud, but must not stall the link
+            log.exception("error handling %s from node %s", type(msg).__name__, self.name)
+        return True
+
     async def _serve(self, conn: Connection) -> None:
         self.conn = conn
         self.peer_info = dict(conn.peer_info)
@@ -236,19 +251,11 @@ class NodeLink:
         reason = "connection closed"
         try:
             self.owner.link_up(self)
+            # Messages are handled as they are read (no task wake-up per message); recv()
+            # returns only what arrived while this task was not waiting.
+            conn.deliver_eagerly(self._on_payload)
             while True:
-                payload = await conn.recv()
-                self.last_heard = time.monotonic()
-                msg = codec.decode(payload)
-                if isinstance(msg, (m.FilesNeeded, m.ComputationReady, m.ComputationFailed)) and self._on_deploy_reply(msg):
-                    continue
-                if isinstance(msg, m.Ping):
-                    self.send(m.Pong(msg.sent))
-                    continue
-                try:
-                    self.owner.link_message(self, msg)
-                except Exception:  # a bug of ours must be loud, but must not stall the link
-                    log.exception("error handling %s from node %s", type(msg).__name__, self.name)
+                self._on_payload(await conn.recv())
         except ConnectionClosedError:
             reason = self._lost_reason or "connection closed by the node"
         except (ProtocolError, OSError) as exc:

@@ -480,9 +480,18 @@ class _ClientSession:
         if not self.conn.closed:
             self.conn.send(codec.encode_parts(message))
 
+    def _handle_now(self, payload: bytes | bytearray) -> bool:
+        if not self.conn.writable:
+            return False  # serve() drains first
+        self.last_heard = time.monotonic()
+        self._handle(codec.decode(payload))
+        return True
+
     async def serve(self) -> None:
         reason = "client disconnected"
         try:
+            # Handled as they are read while replies flow; through recv() (and drain()) when not.
+            self.conn.deliver_eagerly(self._handle_now)
             while True:
                 payload = await self.conn.recv()
                 self.last_heard = time.monotonic()

@@ -189,6 +189,73 @@ async def test_large_payloads_are_paced_into_the_transport_in_order():
     assert echoed == [big[0], *[b"small %d" % i for i in range(100)], big[1]]
 
 
+async def test_eager_delivery_handles_messages_in_the_read_callback_in_order():
+    # While the receiving task waits in recv(), payloads go to the handler as they are read;
+    # one the handler leaves (False) and everything after it come through recv(), in order,
+    # until the task waits again.
+    got: list[tuple[str, bytes]] = []
+    parked: list[bool] = []
+    done = asyncio.Event()
+
+    async def handler(conn: Connection) -> None:
+        def eager(payload: bytes | bytearray) -> bool:
+            parked.append(conn._waiting)
+            if payload.startswith(b"slow"):
+                return False
+            got.append(("eager", bytes(payload)))
+            return True
+
+        conn.deliver_eagerly(eager)
+        while True:
+            payload = await conn.recv()
+            got.append(("recv", bytes(payload)))
+            if payload == b"end":
+                done.set()
+                return
+            await asyncio.sleep(0.05)  # handling that awaits: what arrives meanwhile queues
+
+    async with Server(handler) as srv:
+        async with await srv.connect() as conn:
+            for i in range(5):
+                conn.send(b"fast %d" % i)
+            await asyncio.sleep(0.05)
+            conn.send(b"slow")
+            conn.send(b"after slow")
+            await asyncio.sleep(0.2)
+            conn.send(b"fast again")
+            await asyncio.sleep(0.05)
+            conn.send(b"slow end")
+            conn.send(b"end")
+            await asyncio.wait_for(done.wait(), 5)
+    assert got == [*[("eager", b"fast %d" % i) for i in range(5)], ("recv", b"slow"), ("recv", b"after slow"),
+                   ("eager", b"fast again"), ("recv", b"slow end"), ("recv", b"end")]
+    assert all(parked)  # the handler only ever ran while the task was parked in recv()
+
+
+async def test_a_protocol_error_raised_by_the_eager_handler_breaks_the_connection():
+    failure: list[BaseException] = []
+
+    async def handler(conn: Connection) -> None:
+        def eager(payload: bytes | bytearray) -> bool:
+            if payload == b"bad":
+                raise ProtocolError("a malformed message")
+            return True
+
+        conn.deliver_eagerly(eager)
+        try:
+            await conn.recv()
+        except ProtocolError as exc:
+            failure.append(exc)
+
+    async with Server(handler) as srv:
+        async with await srv.connect() as conn:
+            conn.send(b"good")
+            conn.send(b"bad")
+            with pytest.raises(ConnectionClosedError):
+                await asyncio.wait_for(conn.recv(), 5)
+    assert [str(e) for e in failure] == ["a malformed message"]
+
+
 async def test_wrong_secret_refused_on_both_sides_then_good_client_accepted(caplog):
     caplog.set_level(logging.WARNING, logger="clusterpy.transport")
     async with Server(echo) as srv:

@@ -40,6 +40,8 @@ class Receiver(asyncio.BufferedProtocol):
         #: Called when the transport drains below its low-water mark (the connection writes
         #: its queued large parts then).
         self.on_writable: Callable[[], None] | None = None
+        #: Called when frames arrived, instead of waking the receiver (eager delivery).
+        self.on_frames: Callable[[], None] | None = None
         self.closed: asyncio.Future[None] = loop.create_future()
 
     # -- asyncio callbacks
@@ -60,7 +62,10 @@ class Receiver(asyncio.BufferedProtocol):
             self.queued += sum(len(b) for b in bodies)
             if self.queued > _QUEUED_BYTES:
                 self._pause_reading()
-            self._wake()
+            if self.on_frames is not None:
+                self.on_frames()  # the connection delivers them now, or wakes its receiver
+            else:
+                self._wake()
 
     def eof_received(self) -> bool:
         self.eof = True

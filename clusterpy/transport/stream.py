@@ -121,6 +121,11 @@ class Connection:
         self._closed = False  # closed by us
         self._error: ClusterError | None = None  # what broke it, if something did
         self._receiving = False
+        self._waiting = False  # recv() is parked, waiting for frames
+        # Eager delivery (deliver_eagerly): the handler, payloads it left to recv(), its error.
+        self._eager: Callable[[bytes | bytearray], bool] | None = None
+        self._opened: deque[bytes | bytearray] = deque()
+        self._eager_error: ClusterError | None = None
         self._corked: list[bytes | bytearray | memoryview] = []
         self._corked_bytes = 0
         # Bytes of large parts not handed to the transport yet (see _pump), in order.
@@ -328,6 +333,49 @@ class Connection:
             raise self._broken(ConnectionClosedError(f"connection to {self._label} failed{detail}"
                                                      if detail else f"{self._label} closed the connection"))
 
+    @property
+    def writable(self) -> bool:
+        """True unless sent data waits for the peer to read (:meth:`drain` would wait)."""
+        return not self._protocol.write_paused and not self._unsent
+
+    def deliver_eagerly(self, handler: Callable[[bytes | bytearray], bool]) -> None:
+        """Hand payloads to ``handler`` as they are read, in the transport's read callback,
+        while the task receiving on this connection waits in :meth:`recv` with nothing queued:
+        no wake-up of that task, no loop turn per message.
+
+        ``handler(payload)`` returns True once it handled the payload, False to leave it to
+        :meth:`recv` (a message whose handling must await); the payloads after it then go to
+        :meth:`recv` too, in order, until the task waits again. A :class:`ClusterError` it raises
+        (a ProtocolError for a malformed message) breaks the connection, and :meth:`recv`
+        raises it; another exception is a bug: logged, and the connection is broken."""
+        self._eager = handler
+        self._protocol.on_frames = self._deliver
+
+    def _deliver(self) -> None:
+        proto = self._protocol
+        handler = self._eager
+        if (handler is None or not self._waiting or self._opened or self._eager_error is not None
+                or self._closed or self._error is not None):
+            proto._wake()
+            return
+        while proto.frames and not self._opened:
+            body = proto.take()
+            try:
+                payload = self._cipher.open(body)
+                if not handler(payload):
+                    self._opened.append(payload)
+            except ClusterError as exc:
+                self._eager_error = self._broken(exc)
+                break
+            except Exception as exc:
+                _log.exception("handling a message from %s failed", self._label)
+                self._eager_error = self._broken(ProtocolError(f"handling a message failed: {exc!r}"))
+                break
+            if self._closed or self._error is not None:
+                break
+        if proto.frames or self._opened or self._eager_error is not None:
+            proto._wake()
+
     async def recv(self) -> bytes | bytearray:
         """Return the next authenticated payload (a large one as a ``bytearray``).
 
@@ -343,7 +391,9 @@ class Connection:
         self._receiving = True
         proto = self._protocol
         try:
-            while not proto.frames:
+            while not proto.frames and not self._opened:
+                if self._eager_error is not None:
+                    raise self._eager_error
                 if proto.error is not None:
                     raise self._broken(proto.error)
                 if proto.eof:
@@ -355,8 +405,16 @@ class Connection:
                     raise self._broken(
                         ConnectionClosedError(f"{self._label} closed the connection{partial}")
                     )
-                await proto.wait_readable()
+                self._waiting = True
+                try:
+                    await proto.wait_readable()
+                finally:
+                    self._waiting = False
+                if self._eager_error is not None:
+                    raise self._eager_error
                 self._check_open()
+            if self._opened:
+                return self._opened.popleft()
             body = proto.take()
             try:
                 return self._cipher.open(body)
