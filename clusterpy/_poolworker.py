@@ -198,8 +198,10 @@ class _Worker:
                 continue
             future = self.pending
             if future is None or future.done():
-                # A killed worker's last reply (its call was cancelled, e.g. at close) is expected.
-                log.log(logging.DEBUG if self.killed else logging.WARNING,
+                # Expected from a killed worker, and while the pool closes: the call that
+                # awaited it (an unload, say) was cancelled, but its reply still comes.
+                expected = self.killed or self.pool._state != "open"
+                log.log(logging.DEBUG if expected else logging.WARNING,
                         "worker %d sent an unexpected %r message", self.pid, message[0])
                 continue
             self.pending = None
