@@ -168,7 +168,9 @@ async def test_large_payloads_are_paced_into_the_transport_in_order():
     release = asyncio.Event()
 
     async def handler(conn: Connection) -> None:
-        await release.wait()  # let the client's side fill up first
+        conn._transport.pause_reading()  # read nothing until released: the client's side fills up
+        await release.wait()
+        conn._transport.resume_reading()
         for _ in range(2 + 100):
             conn.send(await conn.recv())
         await conn.drain()
@@ -195,6 +197,7 @@ async def test_eager_delivery_handles_messages_in_the_read_callback_in_order():
     # until the task waits again.
     got: list[tuple[str, bytes]] = []
     parked: list[bool] = []
+    server: list[Connection] = []
     done = asyncio.Event()
 
     async def handler(conn: Connection) -> None:
@@ -206,6 +209,7 @@ async def test_eager_delivery_handles_messages_in_the_read_callback_in_order():
             return True
 
         conn.deliver_eagerly(eager)
+        server.append(conn)
         while True:
             payload = await conn.recv()
             got.append(("recv", bytes(payload)))
@@ -214,16 +218,22 @@ async def test_eager_delivery_handles_messages_in_the_read_callback_in_order():
                 return
             await asyncio.sleep(0.05)  # handling that awaits: what arrives meanwhile queues
 
+    async def until(condition) -> None:
+        async with asyncio.timeout(5):
+            while not condition():
+                await asyncio.sleep(0.005)
+
     async with Server(handler) as srv:
         async with await srv.connect() as conn:
+            await until(lambda: server and server[0]._waiting)
             for i in range(5):
                 conn.send(b"fast %d" % i)
-            await asyncio.sleep(0.05)
+            await until(lambda: len(got) == 5)
             conn.send(b"slow")
-            conn.send(b"after slow")
-            await asyncio.sleep(0.2)
+            conn.send(b"after slow")  # in the same write: it arrives while "slow" is handled
+            await until(lambda: len(got) == 7 and server[0]._waiting)
             conn.send(b"fast again")
-            await asyncio.sleep(0.05)
+            await until(lambda: len(got) == 8)
             conn.send(b"slow end")
             conn.send(b"end")
             await asyncio.wait_for(done.wait(), 5)
