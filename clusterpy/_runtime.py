@@ -566,7 +566,7 @@ class _Runtime:
         if job._queued:  # ended before any dispatch (cancelled, failed upstream, no usable node)
             job._queued = False
             self.queue.release(1)
-            unsent = None if entry is None else len(entry[1])
+            unsent = None if entry is None else _userdata.size(entry[1])
         if job.end_time is None:
             job.end_time = time.time()
         job._end(status, result, exc)

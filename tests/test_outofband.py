@@ -140,3 +140,23 @@ def test_numpy_arrays_cross_a_shared_scheduler(start_node, tmp_path):
     finally:
         scheduler.stop()
     assert all(np.array_equal(result, a * 2.0) and writeable for (result, (_, writeable)), a in zip(results, arrays))
+
+
+def nap(seconds):
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_job_cancelled_before_dispatch_counts_its_out_of_band_bytes(node):
+    # Its statistics record is made at its end: the size is that of all its parts, buffers too.
+    array = np.zeros(200_000)  # 1.6 MB
+    with clusterpy.JobCluster(nap, nodes=[node.address], prefetch=0) as cluster:
+        busy = [cluster.submit(0.5), cluster.submit(0.5)]  # both CPUs
+        waiting = cluster.submit(array)  # held by the client: no CPU is free
+        assert cluster.cancel(waiting)
+        for job in busy:
+            job()
+        (record,) = [r for r in cluster.stats().jobs if r.job_id == str(waiting.id)]
+    assert record.status == "Cancelled" and record.bytes_sent >= array.nbytes
