@@ -27,6 +27,7 @@ import pickle
 from typing import Any
 
 from .protocol import outofband
+from .protocol.framing import HEADER_SIZE, MAX_LENGTH, frame_header
 from .protocol.framing import FrameDecoder as _StreamDecoder
 from .protocol.outofband import Part
 
@@ -34,11 +35,10 @@ __all__ = ["encode_frame", "loads", "FrameDecoder", "ChannelReader", "write_all"
            "MAX_FRAME", "PIPE_SIZE"]
 
 #: Largest frame the 4-byte length prefix can describe.
-MAX_FRAME = 0xFFFFFFFF
+MAX_FRAME = MAX_LENGTH
 #: Capacity asked for each channel pipe (Linux's default limit for unprivileged users).
 PIPE_SIZE = 1 << 20
 
-_HEADER_LEN = 4
 #: Scratch read size of the worker's reader: large enough for any small frame, small enough
 #: to stay off mmap.
 _READ_CHUNK = 64 * 1024
@@ -58,17 +58,11 @@ def encode_frame(message: tuple[object, ...], size_hint: int = 0) -> list[Part]:
         except TypeError:  # a view inside (hinted too small): it can travel only out of band
             body = None
         if body is not None:
-            size = len(body)
-            if size > MAX_FRAME:  # pragma: no cover -- only a large message can be, and it is hinted
-                raise ValueError(f"frame of {size} bytes exceeds the channel's {MAX_FRAME}-byte limit")
-            return [size.to_bytes(_HEADER_LEN, "big") + body]
+            return [frame_header(len(body)) + body]
     wrapped = tuple({k: outofband.wrap(v) for k, v in item.items()} if type(item) is dict else outofband.wrap(item)
                     for item in message)
     parts = outofband.dumps(wrapped)
-    size = sum(len(p) if type(p) is bytes else p.nbytes for p in parts)
-    if size > MAX_FRAME:
-        raise ValueError(f"frame of {size} bytes exceeds the channel's {MAX_FRAME}-byte limit")
-    parts[0] = size.to_bytes(_HEADER_LEN, "big") + parts[0]
+    parts[0] = frame_header(outofband.payload_size(parts)) + parts[0]
     return parts
 
 
@@ -106,22 +100,22 @@ class ChannelReader:
     def receive(self) -> Any:
         """Return the next message (unpickled), or None at end of file (also mid-frame)."""
         pending = self._pending
-        while len(pending) < _HEADER_LEN:
+        while len(pending) < HEADER_SIZE:
             if not self._fill():
                 return None
-        size = int.from_bytes(pending[:_HEADER_LEN], "big")
-        end = _HEADER_LEN + size
+        size = int.from_bytes(pending[:HEADER_SIZE], "big")
+        end = HEADER_SIZE + size
         if len(pending) < end and size <= _READ_CHUNK:
             while len(pending) < end:
                 if not self._fill():
                     return None
         if len(pending) >= end:
-            message = loads(pending[_HEADER_LEN:end])  # a copy: what it decodes to may point into it
+            message = loads(pending[HEADER_SIZE:end])  # a copy: what it decodes to may point into it
             del pending[:end]
             return message
         frame = bytearray(size)
-        have = len(pending) - _HEADER_LEN
-        frame[:have] = pending[_HEADER_LEN:]
+        have = len(pending) - HEADER_SIZE
+        frame[:have] = pending[HEADER_SIZE:]
         pending.clear()
         with memoryview(frame) as view:
             while have < size:
@@ -143,7 +137,7 @@ def write_all(fd: int, data: bytes | memoryview | list[Part]) -> None:
     ``fd``: one ``writev`` unless the pipe fills or a signal interrupts it."""
     parts = [data] if not isinstance(data, list) else data
     n = os.writev(fd, parts)
-    total = sum(len(p) if type(p) is bytes else memoryview(p).nbytes for p in parts)
+    total = outofband.payload_size(parts)
     while n < total:
         views = [memoryview(p).cast("B") for p in parts]
         done = n

@@ -16,21 +16,19 @@ import logging
 import os
 import pickle
 import signal
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ._channel import FrameDecoder, encode_frame, enlarge_pipe
 from ._channel import loads as channel_loads
 from ._workjob import ComputationSpec, JobMessage, JobOutcome, WorkerJob
+from .transport.pacing import PacedWriter
 
 if TYPE_CHECKING:
     from .pool import WorkerPool
 
 log = logging.getLogger("clusterpy.pool")
 
-#: Large parts are handed to a worker's stdin pipe in pieces of this size (see _Worker._pump).
-_PIECE = 256 * 1024
 #: Seconds to wait, after a worker exited, for its pipes to close (a forked grandchild
 #: outside its process group could hold them open forever).
 EXIT_FLUSH_DELAY = 2.0
@@ -94,8 +92,9 @@ class _Worker:
         self.on_message: Any = None
         self.file_bytes: dict[str, int] = {}
         self._timers: list[asyncio.TimerHandle] = []
-        # Large parts not handed to the stdin pipe yet (see _pump), and its flow control.
-        self._unsent: deque[memoryview] = deque()
+        # Writes to the stdin pipe, large parts in pieces as it drains (see transport.pacing),
+        # and the pipe's flow control.
+        self.writer: PacedWriter | None = None
         self.write_paused = False
 
     def __repr__(self) -> str:
@@ -137,32 +136,9 @@ class _Worker:
             pass
 
     def _write(self, message: tuple[Any, ...], size_hint: int = 0) -> None:
-        assert self.stdin is not None
-        unsent = self._unsent
+        assert self.writer is not None
         for part in encode_frame(message, size_hint):  # large blobs written from where they are
-            if unsent or len(part) > _PIECE:
-                unsent.append(memoryview(part).cast("B"))
-            else:
-                self.stdin.write(part)
-        if unsent:
-            self._pump()
-
-    def _pump(self) -> None:
-        """Hand queued large parts to the stdin pipe a piece at a time while it takes them
-        (again at each ``resume_writing``): the pipe transport copies whatever the pipe does not
-        take at once into its own buffer, which was most of an 8 MB argument."""
-        unsent, stdin = self._unsent, self.stdin
-        if stdin is None or stdin.is_closing():
-            unsent.clear()
-            return
-        while unsent and not self.write_paused:
-            view = unsent[0]
-            if len(view) <= _PIECE:
-                unsent.popleft()
-                stdin.write(view)
-            else:
-                unsent[0] = view[_PIECE:]
-                stdin.write(view[:_PIECE])
+            self.writer.write(part)
 
     # -- called from _WorkerProtocol ---------------------------------------------------
 
@@ -173,6 +149,7 @@ class _Worker:
         stdin, stdout = transport.get_pipe_transport(0), transport.get_pipe_transport(1)
         assert isinstance(stdin, asyncio.WriteTransport)
         self.stdin = stdin
+        self.writer = PacedWriter(stdin, lambda: self.write_paused)
         # Bigger pipes: a 1 MB payload crosses in one or two writes, not sixteen. (The read
         # transport still reads at most 256 KiB per wake-up: larger reads each cost a fresh
         # mmap, and page faults, even for a 200-byte frame.)
@@ -364,7 +341,8 @@ class _WorkerProtocol(asyncio.SubprocessProtocol):
 
     def resume_writing(self) -> None:
         self.worker.write_paused = False
-        self.worker._pump()
+        if self.worker.writer is not None:
+            self.worker.writer.pump()
 
     def process_exited(self) -> None:
         self.worker.on_process_exited()

@@ -145,7 +145,7 @@ class _Runtime:
         self.dependencies = cluster._dependencies
         self.core = SchedulerCore(prefetch=cluster.prefetch, reentrant=cluster.reentrant,
                                   allowed_failures=cluster.allowed_failures, steal=cluster.work_stealing)
-        self.jobs: dict[str, tuple[ClusterJob, bytes, float | None]] = {}
+        self.jobs: dict[str, tuple[ClusterJob, _userdata.Payload, float | None]] = {}
         # Statistics, provisional results and files, and trust (verify=, replicas=): stats.py,
         # _midjob.py, _trust_shell.py.
         self.stats = StatsRecorder()
@@ -378,7 +378,7 @@ class _Runtime:
             if link.pending_submit and link.conn is not None and not link.conn.closed:
                 link.conn.flush()
 
-    def submit(self, job: ClusterJob, args: bytes, timeout: float | None, node: str | None) -> None:
+    def submit(self, job: ClusterJob, args: _userdata.Payload, timeout: float | None, node: str | None) -> None:
         self.jobs[job._key] = (job, args, timeout)
         self.idle.clear()
         if self.journal is not None:
@@ -535,8 +535,7 @@ class _Runtime:
         cpu_time = msg.cpu_time
         link.jobs_done += 1
         link.cpu_time += cpu_time
-        self.stats.reported(node_id, job._key, _userdata.size(msg.result) + len(msg.stdout) + len(msg.stderr),
-                            cpu_time, took)
+        self.stats.reported(node_id, job._key, msg.data_size, cpu_time, took)
         trust = self.trust
         if trust is not None and trust.manages(job):
             trust.on_done(link, msg)  # one replica's report: the trust core decides

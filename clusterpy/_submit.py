@@ -56,7 +56,7 @@ import cloudpickle
 from . import _userdata
 from .errors import ClusterClosedError, QueueFullError
 
-__all__ = ["SubmitQueue", "DEFAULT_MAX_QUEUED", "check_max_queued", "check_submit_timeout", "dumps_args"]
+__all__ = ["SubmitQueue", "DEFAULT_MAX_QUEUED", "check_max_queued", "check_submit_timeout", "closed_error", "dumps_args"]
 
 log = logging.getLogger("clusterpy.client")
 
@@ -87,6 +87,11 @@ def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _userdata.Paylo
             return pickle.dumps((args, kwargs), protocol=5)
         return _userdata.dumps((args, kwargs), pickle.dumps, snapshot=True)
     return _userdata.dumps((args, kwargs), cloudpickle.dumps, snapshot=True)
+
+
+def closed_error() -> ClusterClosedError:
+    """What a submission to a closed cluster raises."""
+    return ClusterClosedError("this cluster is closed; create a new JobCluster to submit jobs")
 
 
 def check_max_queued(value: Any) -> int | None:
@@ -183,7 +188,7 @@ class SubmitQueue:
         """
         with self._lock:
             if self._closed:
-                raise ClusterClosedError("this cluster is closed; create a new JobCluster to submit jobs")
+                raise closed_error()
             if self._full():
                 return False
             self._admit_locked()
@@ -205,7 +210,7 @@ class SubmitQueue:
             try:
                 while True:
                     if self._closed:
-                        raise ClusterClosedError("this cluster is closed; create a new JobCluster to submit jobs")
+                        raise closed_error()
                     if not self._full():
                         self._admit_locked()
                         return
@@ -230,7 +235,7 @@ class SubmitQueue:
         while True:
             with self._lock:
                 if self._closed:
-                    raise ClusterClosedError("this cluster is closed; create a new JobCluster to submit jobs")
+                    raise closed_error()
                 if not self._full():
                     self._admit_locked()
                     return
@@ -309,7 +314,7 @@ class SubmitQueue:
                 orphans, self._items = self._items, []
                 self._drain_scheduled = False
             on_orphaned(orphans)
-            raise ClusterClosedError("this cluster is closed; create a new JobCluster to submit jobs") from None
+            raise closed_error() from None
 
     def _may_pace(self) -> bool:
         """Whether ``put`` may block this thread: not the loop thread, not a coroutine."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pickle
 from typing import Any, TypeAlias
 
-from .protocol.outofband import MIN_SIZE
+from .protocol.outofband import MIN_SIZE, payload_size
 
 __all__ = ["Payload", "MIN_SIZE", "dumps", "loads", "parts", "size", "lift"]
 
@@ -120,8 +120,4 @@ def parts(payload: Payload | None) -> tuple[bytes | bytearray | memoryview, ...]
 
 def size(payload: Payload | None) -> int:
     """Bytes in ``payload`` (0 for None)."""
-    if payload is None:
-        return 0
-    if type(payload) is tuple:
-        return sum(memoryview(part).nbytes for part in payload)
-    return memoryview(payload).nbytes if type(payload) is not bytes else len(payload)
+    return 0 if payload is None else payload_size(payload)

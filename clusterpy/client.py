@@ -50,7 +50,7 @@ from .secret import load_secret
 from .discovery import DEFAULT_RELAY_PORT, DiscoveryKey, plan_nodes
 from ._computation import check_callable, check_cpus_per_job, check_dest_path, package, trust_options
 from ._runtime import _NodeLink, _Runtime, _parse_node
-from ._submit import DEFAULT_MAX_QUEUED, SubmitQueue, check_max_queued, check_submit_timeout, dumps_args
+from ._submit import DEFAULT_MAX_QUEUED, SubmitQueue, check_max_queued, check_submit_timeout, closed_error, dumps_args
 
 __all__ = ["JobCluster"]
 
@@ -368,7 +368,7 @@ class JobCluster:
             ValueError: ``submit_timeout`` is not a number of seconds >= 0 or None.
         """
         if self._closed:
-            raise ClusterClosedError("this cluster is closed; create a new JobCluster to submit jobs")
+            raise closed_error()
         wait = self.submit_timeout if submit_timeout is ... else check_submit_timeout(submit_timeout)
         self._queue.admit(wait)
         return self._submit_admitted(args, kwargs, timeout, node, job_id)
@@ -402,7 +402,7 @@ class JobCluster:
         """asyncio flavour of :meth:`submit`: awaits room under ``max_queued`` without blocking
         the event loop (cancelling the awaiting task submits nothing)."""
         if self._closed:
-            raise ClusterClosedError("this cluster is closed; create a new JobCluster to submit jobs")
+            raise closed_error()
         await self._queue.admit_async(self.submit_timeout)
         return self._submit_admitted(args, kwargs)
 

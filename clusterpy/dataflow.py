@@ -27,7 +27,7 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _userdata
+from ._submit import dumps_args
 from ._remote import Chunk
 from .errors import ClusterClosedError, ClusterError, JobCancelledError, UpstreamJobError
 from .job import ClusterJob, JobStatus
@@ -161,7 +161,7 @@ class Dependents:
         try:
             args = substitute(job.args)
             kwargs = substitute(job.kwargs)
-            blob = _userdata.dumps((args, kwargs), snapshot=True)
+            blob = dumps_args(args, kwargs)
         except Exception as exc:
             error = ClusterError(f"the arguments of job {job.id!r} cannot be pickled: {exc!r}")
             error.__cause__ = exc

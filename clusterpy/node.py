@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-from . import __version__, _userdata
+from . import __version__
 from .errors import ClusterError, ProtocolError
 from .filestore import FileStore
 from .identity import DEFAULT_NODE_PORT, local_info
@@ -525,7 +525,7 @@ class NodeServer:
             except (ClusterError, OSError):
                 pass  # the connection broke just now: kept, as for a client that is away
         used = sum(c.kept_bytes for c in self.comps.values())
-        if used + _userdata.size(message.result) + len(message.stdout) + len(message.stderr) > self.max_kept_bytes:
+        if used + message.data_size > self.max_kept_bytes:
             log.warning("kept-results budget (%d bytes) full: dropping the result of job %s", self.max_kept_bytes, job.key)
             message = m.JobDone(comp.comp_id, message.job_id, message.attempt, "exception", None, None,
                                 "ResultDropped", "the node's budget for kept results was full; the result was dropped",

@@ -51,6 +51,12 @@ log = logging.getLogger("clusterpy.node")
 
 _LEN = struct.Struct(">I")
 
+
+def job_key(comp_id: str, job_id: str, attempt: int) -> str:
+    """A job's key on this node: one attempt of one job of one computation."""
+    return f"{comp_id}/{job_id}/{attempt}"
+
+
 #: Seconds a job runs before the node reports it started (JobsStarted); shorter jobs are
 #: reported by their JobDone alone.
 START_REPORT_DELAY = 0.002
@@ -196,7 +202,7 @@ class ClientSession:
     async def _handle(self, msg: object) -> None:
         if isinstance(msg, m.CancelJob):
             comp = self.comps.get(msg.comp_id)
-            job = comp.jobs.get(f"{msg.comp_id}/{msg.job_id}/{msg.attempt}") if comp else None
+            job = comp.jobs.get(job_key(msg.comp_id, msg.job_id, msg.attempt)) if comp else None
             if job is not None:
                 await self.node.cancel(job)
         elif isinstance(msg, m.CloseComputation):
@@ -213,7 +219,7 @@ class ClientSession:
             if comp is None or not comp.ready:
                 raise ProtocolError(f"jobs for computation {msg.comp_id!r} that is not ready")
             for req in msg.jobs:
-                key = f"{comp.comp_id}/{req.job_id}/{req.attempt}"
+                key = job_key(comp.comp_id, req.job_id, req.attempt)
                 if key in comp.jobs:
                     continue  # a duplicate dispatch of the same attempt: run it once
                 job = QueuedJob(comp, req, key)
@@ -242,7 +248,7 @@ class ClientSession:
         elif isinstance(msg, m.RecallJobs):
             comp = self.comps.get(msg.comp_id)
             given_back = tuple((job_id, attempt) for job_id, attempt in msg.jobs
-                               if comp is not None and (job := comp.jobs.get(f"{msg.comp_id}/{job_id}/{attempt}"))
+                               if comp is not None and (job := comp.jobs.get(job_key(msg.comp_id, job_id, attempt)))
                                is not None and self.node.recall(job))
             if given_back:
                 self.send(m.JobsRecalled(msg.comp_id, given_back))
@@ -489,7 +495,7 @@ class ClientSession:
     def deliver(self, message: m.JobDone | m.JobProgress | m.JobFile, key: str | None = None) -> None:
         """Send a job's message; ``key`` is its job's key, if the caller has it at hand."""
         if key is None:
-            key = f"{message.comp_id}/{message.job_id}/{message.attempt}"
+            key = job_key(message.comp_id, message.job_id, message.attempt)
         if type(message) is m.JobDone:
             # Its end carries its start time. With no job left to report, the timer goes too:
             # it would only wake the loop for nothing.

@@ -269,9 +269,7 @@ class WorkerPool:
             if spec is None:
                 raise KeyError(f"computation {job.comp_id!r} was removed")
             raise ValueError(f"job {job.job_id!r} is already running")
-        self._running[job.job_id] = worker
-        worker.job_id = job.job_id
-        worker.on_message, worker.file_bytes = on_message, {}
+        self._mark(worker, job, on_message)
         start = time.time()
         try:
             if worker.loaded.get(spec.comp_id) is not spec:
@@ -295,9 +293,7 @@ class WorkerPool:
             worker.kill()
             raise
         finally:
-            self._running.pop(job.job_id, None)
-            worker.job_id = None
-            worker.on_message = None
+            self._unmark(worker, job.job_id)
         self._release(worker)
         return outcome_from_reply(reply[1])
 
@@ -325,12 +321,20 @@ class WorkerPool:
         else:
             return False
         self._idle.remove(worker)
-        self._running[job.job_id] = worker
-        worker.job_id = job.job_id
-        worker.on_message, worker.file_bytes = on_message, {}
+        self._mark(worker, job, on_message)
         worker._write(self._run_message(worker, job), _userdata.size(job.args))
         worker.pending = _ReplyHook(self, worker, job, time.time(), on_done)  # type: ignore[assignment]
         return True
+
+    def _mark(self, worker: _Worker, job: WorkerJob, on_message: Callable[[JobMessage], None] | None) -> None:
+        self._running[job.job_id] = worker
+        worker.job_id = job.job_id
+        worker.on_message, worker.file_bytes = on_message, {}
+
+    def _unmark(self, worker: _Worker, job_id: str) -> None:
+        self._running.pop(job_id, None)
+        worker.job_id = None
+        worker.on_message = None
 
     def _run_message(self, worker: _Worker, job: WorkerJob) -> tuple[Any, ...]:
         # The options travel only when they changed (the worker keeps the last ones).
@@ -352,14 +356,9 @@ class WorkerPool:
             worker.pending = hook  # type: ignore[assignment]
             worker.kill()
             return
-        self._running.pop(job_id, None)
-        worker.job_id = None
-        worker.on_message = None
+        self._unmark(worker, job_id)
         self._release(worker)
-        try:
-            hook.on_done(outcome)
-        except Exception:
-            log.exception("handling the outcome of job %s failed", job_id)
+        _hand_on(hook, outcome)
 
     async def _reply_lost(self, hook: _ReplyHook, returncode: int | None) -> None:
         """The worker of a try_run() job exited under it: the outcome run() would return."""
@@ -376,13 +375,8 @@ class WorkerPool:
     def _end_lost(self, hook: _ReplyHook, outcome: JobOutcome) -> None:
         # Only now is the job unmarked: until its output was collected, _worker_exited had
         # to see the worker as busy (an idle one's capture files are removed).
-        self._running.pop(hook.job.job_id, None)
-        hook.worker.job_id = None
-        hook.worker.on_message = None
-        try:
-            hook.on_done(outcome)
-        except Exception:
-            log.exception("handling the outcome of job %s failed", hook.job.job_id)
+        self._unmark(hook.worker, hook.job.job_id)
+        _hand_on(hook, outcome)
 
     async def terminate(self, job_id: str) -> bool:
         """Kill the worker running ``job_id`` (its run() then returns "terminated"; the
@@ -555,6 +549,14 @@ class WorkerPool:
             exc_message=message, traceback=None, stdout=stdout, stderr=stderr, start_time=start,
             end_time=time.time(), cpu_time=0.0, exit_code=returncode,
         )
+
+
+def _hand_on(hook: _ReplyHook, outcome: JobOutcome) -> None:
+    """Give a try_run() job's outcome to its caller (exactly once; its errors are logged)."""
+    try:
+        hook.on_done(outcome)
+    except Exception:
+        log.exception("handling the outcome of job %s failed", hook.job.job_id)
 
 
 def _remove_stale_capture_dirs() -> None:

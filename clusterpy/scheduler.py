@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, _userdata, tls
+from . import __version__, tls
 from .core.scheduler import (
     CancelOnNode,
     CancelRequested,
@@ -402,7 +402,7 @@ class SchedulerServer:
         if owner is not None and not owner.conn.closed:
             owner.send(message)
         elif isinstance(message, m.JobDone):
-            size = _userdata.size(message.result) + len(message.stdout) + len(message.stderr)
+            size = message.data_size
             if sum(c.kept_bytes for c in self.comps.values()) + size > self.max_kept_bytes:
                 log.warning("kept-results budget full: dropping the result of job %s", message.job_id)
                 message = _with_attempt(message, message.attempt, dropped=True)

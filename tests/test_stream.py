@@ -183,10 +183,10 @@ async def test_large_payloads_are_paced_into_the_transport_in_order():
             conn.send(big[1])
             await asyncio.sleep(0)  # the turn ends: the corked frames are flushed
             await asyncio.sleep(0.05)
-            assert conn._unsent and conn._transport.get_write_buffer_size() < 1 << 20
+            assert conn._writer.pending and conn._transport.get_write_buffer_size() < 1 << 20
             release.set()
             await conn.drain()
-            assert not conn._unsent
+            assert not conn._writer.pending
             echoed = [await conn.recv() for _ in range(102)]
     assert echoed == [big[0], *[b"small %d" % i for i in range(100)], big[1]]
 

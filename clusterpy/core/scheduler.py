@@ -15,8 +15,9 @@ Job lifecycle inside the core (a job's public status is derived from it by the s
 Placement: every ready node keeps up to ``cpus * (1 + prefetch)`` jobs in flight, so a node's
 CPUs never wait for a network round trip. With ``prefetch=None`` (adaptive) it is 1 job ahead
 per CPU, and more (up to :data:`MAX_AHEAD`) on a node whose jobs typically end within
-:data:`SHORT_JOB`: there a round trip is as long as several jobs. Free slots are handed out round-robin over the nodes
-that have them, which is O(1) per decision whatever the number of nodes or queued jobs.
+:data:`SHORT_JOB`: there a round trip is as long as several jobs. Free slots are handed out
+round-robin over the nodes that have them, which is O(1) per decision whatever the number of
+nodes or queued jobs.
 Each dispatch carries an attempt number; a report for an attempt that is no longer current
 (a node that came back after its jobs were moved) is discarded, so each job is resolved once.
 
@@ -261,6 +262,11 @@ class _Node:
     awaiting: int = 0  # jobs recalled for this node, not given back (or started) yet
 
 
+def _has_jobs_behind_busy_cpus(node: _Node) -> bool:
+    """Whether all of ``node``'s CPUs run jobs and more wait there: jobs work stealing may take."""
+    return node.cpus <= node.running < len(node.inflight)
+
+
 class SchedulerCore:
     """Decides placement of jobs on nodes.
 
@@ -378,8 +384,7 @@ class SchedulerCore:
             if job is not None and job.attempt == attempt and job.node_id == ev.node_id and job.state is JobState.SENT:
                 self._move(job, JobState.RUNNING)
         node = self._nodes.get(ev.node_id)
-        if not self.steal or self._queue or node is None or node.running < node.cpus \
-                or node.running >= len(node.inflight):
+        if not self.steal or self._queue or node is None or not _has_jobs_behind_busy_cpus(node):
             return []
         # Its CPUs are now all busy with jobs waiting behind them: an idle node may take those.
         actions: list[Action] = []
@@ -550,8 +555,8 @@ class SchedulerCore:
             return []
         actions: list[Action] = []
         for victim in self._some_nodes() if victims is None else victims:
-            if victim is thief or victim.running < victim.cpus or victim.running >= len(victim.inflight):
-                continue  # it has no job waiting behind busy CPUs
+            if victim is thief or not _has_jobs_behind_busy_cpus(victim):
+                continue
             batch: list[tuple[str, int]] = []
             for job_id in reversed(victim.inflight):  # the last sent waits longest
                 job = self._jobs[job_id]

@@ -188,6 +188,12 @@ class JobDone:
     cpu_time: float
     exit_code: int | None
 
+    @property
+    def data_size(self) -> int:
+        """Bytes of the job's data it carries: its result and its output."""
+        size = len(self.stdout) + len(self.stderr)
+        return size if self.result is None else size + outofband.payload_size(self.result)
+
 
 @dataclass(frozen=True, slots=True)
 class JobProgress:
@@ -413,19 +419,13 @@ def _blob(value: UserData | None, protocol: int) -> object:
     if value is None or (type(value) is bytes and len(value) < OUT_OF_BAND_MIN):
         return value
     if isinstance(value, tuple):
-        return tuple([_buffer(part, protocol) for part in value])
+        if protocol >= 5:
+            return outofband.wrap(value)
+        return tuple([bytes(part) if memoryview(part).readonly else bytearray(part) for part in value])
     if protocol < 5:
         return bytes(value)
     view = memoryview(value)
     return pickle.PickleBuffer(view if view.readonly else view.toreadonly())
-
-
-def _buffer(part: Blob | bytearray, protocol: int) -> object:
-    if type(part) is bytes and len(part) < OUT_OF_BAND_MIN:
-        return part
-    if protocol < 5:
-        return bytes(part) if memoryview(part).readonly else bytearray(part)
-    return pickle.PickleBuffer(part)
 
 
 def _reduce_to_constructor(cls: type) -> None:

@@ -22,9 +22,10 @@ from __future__ import annotations
 import io
 import pickle
 import struct
+from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["MARK", "MIN_SIZE", "Part", "dumps", "wrap", "split", "load", "is_out_of_band"]
+__all__ = ["MARK", "MIN_SIZE", "Part", "dumps", "wrap", "split", "load", "is_out_of_band", "payload_size"]
 
 #: First byte of an out-of-band payload (a pickle's first byte is 0x80).
 MARK = 0x01
@@ -64,6 +65,15 @@ def dumps(obj: object, pickler: type[pickle.Pickler] = pickle.Pickler) -> list[P
     views = [buffer.raw() for buffer in buffers]
     header = _MARK_BYTE + _COUNT.pack(len(views)) + b"".join([_LENGTH.pack(view.nbytes) for view in views])
     return [header + out.getvalue(), *views]
+
+
+def payload_size(payload: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]) -> int:
+    """Bytes in ``payload``: one buffer, or the buffers that together are the payload."""
+    if isinstance(payload, (bytes, bytearray)):
+        return len(payload)
+    if isinstance(payload, memoryview):
+        return payload.nbytes
+    return sum(part.nbytes if type(part) is memoryview else len(part) for part in payload)
 
 
 def is_out_of_band(payload: bytes | bytearray | memoryview) -> bool:

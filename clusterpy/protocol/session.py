@@ -37,8 +37,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..errors import AuthenticationError
+from .outofband import payload_size
 
-__all__ = ["SEQ_SIZE", "MAC_SIZE", "OVERHEAD", "MAX_PAYLOAD", "SessionCipher", "payload_size"]
+__all__ = ["SEQ_SIZE", "MAC_SIZE", "OVERHEAD", "MAX_PAYLOAD", "SessionCipher"]
 
 _SEQ = struct.Struct(">Q")
 _NONCE_PAD = bytes(4)
@@ -177,15 +178,6 @@ class SessionCipher:
             except BufferError:  # someone still holds a view of it: copy instead
                 pass
         return body[SEQ_SIZE : size - MAC_SIZE]
-
-
-def payload_size(payload: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]) -> int:
-    """Bytes in ``payload``: one buffer, or the buffers that together are the payload."""
-    if isinstance(payload, (bytes, bytearray)):
-        return len(payload)
-    if isinstance(payload, memoryview):
-        return payload.nbytes
-    return sum(part.nbytes if type(part) is memoryview else len(part) for part in payload)
 
 
 def _aes_key(key: bytes) -> bytes:

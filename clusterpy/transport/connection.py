@@ -18,7 +18,9 @@ from typing import Any
 
 from ..errors import ClusterError, ConnectionClosedError, ProtocolError
 from ..protocol.framing import FrameDecoder, frame_header
-from ..protocol.session import OVERHEAD, SessionCipher, payload_size
+from ..protocol.outofband import payload_size
+from ..protocol.session import OVERHEAD, SessionCipher
+from .pacing import PacedWriter
 from .receiver import Receiver
 
 __all__ = ["Connection"]
@@ -29,8 +31,6 @@ _log = logging.getLogger("clusterpy.transport")
 # the results of a whole batch of jobs), or at once past this many bytes: big frames gain
 # nothing from waiting.
 _CORK_BYTES = 64 * 1024
-# Large parts are handed to the transport in pieces of this size (see Connection._pump).
-_PIECE = 256 * 1024
 # How long closing may wait for the peer to take our last bytes (e.g. a refusal).
 CLOSE_TIMEOUT = 2.0
 
@@ -78,13 +78,13 @@ class Connection:
         self._eager_error: ClusterError | None = None
         self._corked: list[bytes | bytearray | memoryview] = []
         self._corked_bytes = 0
-        # Bytes of large parts not handed to the transport yet (see _pump), in order.
-        self._unsent: deque[memoryview] = deque()
         self._flush_scheduled = False
         self._flush_handle: asyncio.Handle | None = None
         self._before_flush: list[Callable[[], None]] = []
         self._protocol = Receiver(decoder, self._loop)
-        self._protocol.on_writable = self._pump
+        # Large parts go to the transport in pieces as it drains (see transport.pacing).
+        self._writer = PacedWriter(self._transport, lambda: self._protocol.write_paused)
+        self._protocol.on_writable = self._writer.pump
         self._take_over(reader)
         #: The peer's authenticated role label.
         self.peer_role = peer_role
@@ -222,48 +222,18 @@ class Connection:
         parts, self._corked, self._corked_bytes = self._corked, [], 0
         if self._error is not None or self._transport.is_closing():
             return
-        unsent = self._unsent
+        write = self._writer.write
         small: list[bytes | bytearray | memoryview] = []
         for part in parts:
             if len(part) < _CORK_BYTES:
                 small.append(part)
                 continue
             if small:
-                self._write_small(small)
+                write(small[0] if len(small) == 1 else b"".join(small))
                 small = []
-            unsent.append(memoryview(part).cast("B"))
+            write(part)
         if small:
-            self._write_small(small)
-        if unsent:
-            self._pump()
-
-    def _write_small(self, parts: list[bytes | bytearray | memoryview]) -> None:
-        joined = parts[0] if len(parts) == 1 else b"".join(parts)
-        if self._unsent:  # behind large parts still queued: keep the order
-            self._unsent.append(memoryview(joined).cast("B"))
-        else:
-            self._transport.write(joined)
-
-    def _pump(self) -> None:
-        """Hand large parts to the transport a piece at a time, while it is below its
-        high-water mark (and again each time it drains: ``resume_writing``).
-
-        A transport copies whatever the socket does not take at once into its own buffer
-        (asyncio's selector transport does, up to Python 3.11): written whole, an 8 MB payload
-        would mostly be copied once more. Written in pieces, at most one piece is."""
-        unsent, proto = self._unsent, self._protocol
-        if self._error is not None or self._transport.is_closing():
-            unsent.clear()
-            return
-        write = self._transport.write
-        while unsent and not proto.write_paused:
-            view = unsent[0]
-            if len(view) <= _PIECE:
-                unsent.popleft()
-                write(view)
-            else:
-                unsent[0] = view[_PIECE:]
-                write(view[:_PIECE])
+            write(small[0] if len(small) == 1 else b"".join(small))
 
     async def drain(self) -> None:
         """Wait until the write buffer is below its high-water mark.
@@ -275,7 +245,7 @@ class Connection:
         # Corked frames (under 64 KiB in all) are not flushed here: they go out at the end
         # of the loop turn with whatever else is sent in it.
         proto = self._protocol
-        while (proto.write_paused or self._unsent) and not proto.closed.done():
+        while (proto.write_paused or self._writer.pending) and not proto.closed.done():
             await proto.wait_writable()
             self._check_open()
         if proto.closed.done():
@@ -286,7 +256,7 @@ class Connection:
     @property
     def writable(self) -> bool:
         """True unless sent data waits for the peer to read (:meth:`drain` would wait)."""
-        return not self._protocol.write_paused and not self._unsent
+        return not self._protocol.write_paused and not self._writer.pending
 
     def deliver_eagerly(self, handler: Callable[[bytes | bytearray], bool]) -> None:
         """Hand payloads to ``handler`` as they are read, in the transport's read callback,
@@ -377,9 +347,7 @@ class Connection:
         """Start closing (queued bytes are still flushed). Idempotent."""
         if not self._closed:
             self._flush()
-            if not self._transport.is_closing():
-                while self._unsent:  # the transport buffers them and sends them before closing
-                    self._transport.write(self._unsent.popleft())
+            self._writer.write_all()  # the transport buffers them and sends them before closing
             self._closed = True
             self._transport.close()
             self._protocol._wake()
