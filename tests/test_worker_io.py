@@ -18,10 +18,11 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from clusterpy import _userdata
 from clusterpy._capture import read_capped_fd
 from clusterpy._channel import PIPE_SIZE, ChannelReader, encode_frame, pipe_size_for, write_all
-from clusterpy.pool import ComputationSpec, JobOutcome, WorkerJob, WorkerPool
+from clusterpy.pool import ComputationSpec, WorkerJob, WorkerPool
+
+from .test_pool import result as value
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -34,11 +35,6 @@ def spec(workdir: Path, compute, comp_id: str = "io") -> ComputationSpec:
 
 def job(*args, comp_id: str = "io") -> WorkerJob:
     return WorkerJob(f"io-{next(_ids)}", comp_id, cloudpickle.dumps((args, {})))
-
-
-def value(outcome: JobOutcome):
-    assert outcome.status == "finished", (outcome.status, outcome.traceback, outcome.exc_message)
-    return _userdata.loads(outcome.result)
 
 
 @pytest.fixture
