@@ -68,6 +68,10 @@ MAX_AHEAD = 4
 
 
 class JobState(enum.Enum):
+    # Members are singletons: identity hashing (C) instead of Enum's hash of the name (Python),
+    # for the transition checks on every job.
+    __hash__ = object.__hash__
+
     QUEUED = "queued"
     SENT = "sent"
     RUNNING = "running"
@@ -93,9 +97,11 @@ _TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 
 
 # ---------------------------------------------------------------- events (facts)
+# Events and actions are slotted dataclasses, immutable by convention: frozen ones cost 8x as
+# much to construct, and a few are made per job.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NodeJoined:
     """A node is connected and its computation is deployed: it can take jobs.
 
@@ -107,13 +113,13 @@ class NodeJoined:
     speed: float = 1.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NodeLost:
     node_id: str
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobSubmitted:
     """A job to place.
 
@@ -132,13 +138,13 @@ class JobSubmitted:
     first_attempt: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobsStarted:
     node_id: str
     jobs: tuple[tuple[str, int], ...]  # (job_id, attempt)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobReported:
     """A node reported the end of one attempt of a job (result, exception, or worker death).
 
@@ -153,12 +159,12 @@ class JobReported:
     duration: float | None = None  # wall time of the job on the node, to learn its speed
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CancelRequested:
     job_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NodeDistrusted:
     """The node returned a wrong result: it gets no more jobs (those it runs go on)."""
 
@@ -166,7 +172,7 @@ class NodeDistrusted:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NodeResized:
     """Use ``cpus`` CPUs of the node from now on (dispy's set_node_cpus); 0 stops using it."""
 
@@ -174,7 +180,7 @@ class NodeResized:
     cpus: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobsRecalled:
     """The node gave back these jobs (answering :class:`RecallJobs`) without starting them."""
 
@@ -189,20 +195,20 @@ Event = (NodeJoined | NodeLost | JobSubmitted | JobsStarted | JobReported | Canc
 # ---------------------------------------------------------------- actions (commands)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DispatchJobs:
     node_id: str
     jobs: tuple[tuple[str, int], ...]  # (job_id, attempt)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CancelOnNode:
     node_id: str
     job_id: str
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RecallJobs:
     """Ask the node to give back these jobs if it has not started them (JobsRecalled)."""
 
@@ -210,7 +216,7 @@ class RecallJobs:
     jobs: tuple[tuple[str, int], ...]  # (job_id, attempt)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeliverResult:
     """The report for the current attempt: hand its outcome to the caller."""
 
@@ -218,7 +224,7 @@ class DeliverResult:
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResolveJob:
     """The job ended without a report of its own: ``state`` is CANCELLED or ABANDONED."""
 

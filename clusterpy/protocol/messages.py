@@ -1,7 +1,8 @@
 """Messages exchanged after authentication, between a client (or scheduler) and a node.
 
-Every message is a frozen dataclass; :mod:`clusterpy.protocol.codec` turns them into bytes and
-back and refuses anything that is not listed in :data:`MESSAGE_TYPES`. User data (the
+Every message is a slotted dataclass, immutable by convention (not frozen: a frozen dataclass
+takes 8x as long to construct, and these are built once per job on every hop);
+:mod:`clusterpy.protocol.codec` turns them into bytes and back and refuses anything that is not listed in :data:`MESSAGE_TYPES`. User data (the
 computation, job arguments, results) travels inside them as opaque :data:`Blob` s (cloudpickle
 bytes made on the client or in a worker): the node routes them without unpickling them. A
 decoded message's large blobs are read-only ``memoryview`` s into the received frame (pickle
@@ -87,7 +88,7 @@ UserData: TypeAlias = Blob | tuple[Blob | bytearray, ...]
 OUT_OF_BAND_MIN = outofband.MIN_SIZE
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FileMeta:
     """One file of a computation: where it goes (relative name), its content hash, size, mode."""
 
@@ -97,7 +98,7 @@ class FileMeta:
     mode: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DeployComputation:
     """Announce a computation. ``bundle`` is a cloudpickle blob for functions, ``program`` the
     argv prefix (names relative to the computation directory) for standalone programs.
@@ -114,13 +115,13 @@ class DeployComputation:
     dest_path: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FilesNeeded:
     comp_id: str
     sha256s: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FileChunk:
     comp_id: str
     sha256: str
@@ -128,18 +129,18 @@ class FileChunk:
     last: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ComputationReady:
     comp_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ComputationFailed:
     comp_id: str
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobRequest:
     job_id: str
     attempt: int
@@ -148,26 +149,26 @@ class JobRequest:
     cpus: int = 1  # CPUs the job occupies on the node while it runs
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SubmitJobs:
     comp_id: str
     jobs: tuple[JobRequest, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobStart:
     job_id: str
     attempt: int
     start_time: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobsStarted:
     comp_id: str
     jobs: tuple[JobStart, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobDone:
     """A job ended on the node. ``status`` is the worker's outcome status:
     finished | exception | died | terminated | setup_failed | cancelled."""
@@ -195,7 +196,7 @@ class JobDone:
         return size if self.result is None else size + outofband.payload_size(self.result)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobProgress:
     """A running job's provisional result (``clusterpy.provisional_result``): cloudpickle bytes.
     Sent before the job's :class:`JobDone`, in the order the job sent them."""
@@ -206,7 +207,7 @@ class JobProgress:
     value: Blob
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobFile:
     """A piece of a file a running job sends back (``clusterpy.send_file``); ``last`` ends the
     file. ``error``: the transfer failed or was refused (over the node's size limit): the
@@ -221,14 +222,14 @@ class JobFile:
     error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CancelJob:
     comp_id: str
     job_id: str
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RecallJobs:
     """Give back these jobs if they have not started (work stealing); the node answers with
     JobsRecalled for those it gave back and runs the others as usual."""
@@ -237,13 +238,13 @@ class RecallJobs:
     jobs: tuple[tuple[str, int], ...]  # (job_id, attempt)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class JobsRecalled:
     comp_id: str
     jobs: tuple[tuple[str, int], ...]  # (job_id, attempt), removed from the node unstarted
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AddFiles:
     """Add files to a ready computation (``cluster.scatter``). The node answers
     :class:`FilesNeeded` (the hashes it lacks: :class:`FileChunk` s follow for those), then
@@ -254,7 +255,7 @@ class AddFiles:
     files: tuple[FileMeta, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FilesAdded:
     """The files of one :class:`AddFiles` are in the computation's directory (or ``error``)."""
 
@@ -263,7 +264,7 @@ class FilesAdded:
     error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AttachComputation:
     """Re-attach to a computation a vanished client left on the node (crash recovery).
 
@@ -273,14 +274,14 @@ class AttachComputation:
     comp_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Attached:
     comp_id: str
     pending: tuple[tuple[str, int], ...]  # (job_id, attempt) still queued or running on the node
     kept: int  # results the node kept while no client was attached; they follow as JobDone
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DetachComputation:
     """The client leaves without closing: the node keeps the computation's results for a later
     ``AttachComputation`` and answers :class:`Detached`; nothing sent after that is lost."""
@@ -288,35 +289,35 @@ class DetachComputation:
     comp_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Detached:
     comp_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CloseComputation:
     comp_id: str
     keep_files: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ping:
     sent: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pong:
     sent: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StatusRequest:
     """Ask a node how it is doing (``clusterpy status``); needs no computation."""
 
     sent: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StatusReply:
     """A node's state now. ``busy``: jobs running; ``busy_cpus``: CPUs they occupy;
     ``queued``: jobs waiting for a CPU; ``load``: the 1, 5 and 15 minute load averages;
