@@ -13,8 +13,15 @@ import resource
 import signal
 import sys
 
+try:
+    # The C-level getsignal returns the handler Python stored (an int for SIG_DFL/SIG_IGN);
+    # signal.getsignal converts it to an Enum member, which costs 25 times as much, every job.
+    from _signal import getsignal as _getsignal  # type: ignore[import-not-found]
+except ImportError:  # not CPython
+    _getsignal = signal.getsignal
+
 __all__ = ["Output", "OUTPUT_CAP", "read_capped", "read_capped_fd", "collect_output", "remove_output",
-           "output_base", "children_cpu"]
+           "output_base"]
 
 #: Bytes of stdout (and separately of stderr) kept per job; the middle of longer output is cut.
 OUTPUT_CAP = 16 * 1024 * 1024
@@ -22,6 +29,7 @@ OUTPUT_CAP = 16 * 1024 * 1024
 _READ_CHUNK = 64 * 1024
 #: os.waitid (Linux and most Unixes; not macOS): finds children without reaping them.
 _waitid = getattr(os, "waitid", None)
+_SIGCHLD, _SIG_IGN = int(signal.SIGCHLD), int(signal.SIG_IGN)
 
 
 def output_base(capture_dir: str, pid: int) -> str:
@@ -33,12 +41,13 @@ class Output:
     """Fds 1 and 2 (and so sys.stdout/sys.stderr) of the worker during a call: two capture
     files ``<base>.out``/``.err``, kept open and reused from call to call.
 
-    Use ``with output as capture:`` around a call, then ``capture.read()`` (or ``discard()``).
+    Use ``with output as capture:`` around a call, then ``capture.read()`` (or ``discard()``);
+    :meth:`children_cpu` inside the block gives the CPU of the children reaped since entering.
     Between calls fds 1 and 2 are /dev/null. Entering points them at the files, emptied first
-    if the last call wrote to them: two ``dup2`` and no other system call in the usual case;
-    leaving is two more ``dup2`` and reading one ``pread`` per file. (A fresh pair of files per
-    call, created, opened again to read and unlinked, costs 20 system calls, two of them
-    directory changes, and most of a trivial job's time in the worker.)
+    if the last call wrote to them: two ``dup2``, one ``waitid`` and one ``getrusage`` in the
+    usual case; leaving is two more ``dup2`` and reading one ``pread`` per file. (A fresh pair
+    of files per call, created, opened again to read and unlinked, costs 20 system calls, two
+    of them directory changes, and most of a trivial job's time in the worker.)
 
     The guarantee the fresh-file-per-job design gave is kept: a process a call started that
     outlives it keeps the open file it inherited, so if one may still exist, entering makes
@@ -64,9 +73,9 @@ class Output:
         self.devnull = devnull
         self.fds = [-1, -1]
         self.written = [False, False]  # the file may hold bytes since it was last emptied
-        self._children_usage: tuple[float, ...] | None = None
-        #: CPU seconds of waited-for children when the current call began (for its cpu_time).
-        self.children_cpu_at_start = 0.0
+        # getrusage(RUSAGE_CHILDREN) when the files were last made or checked: every field of
+        # it stays the same until a child is reaped.
+        self._children_usage: resource.struct_rusage | None = None
         #: How many times fresh files were made (diagnostics and tests).
         self.replaced = 0
 
@@ -86,15 +95,32 @@ class Output:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        _flush_std()
-        sys.stdout, sys.stderr = self.saved
-        _flush_std()
+        saved = self.saved
+        if sys.stdout is not saved[0] or sys.stderr is not saved[1]:
+            _flush_std()  # the streams the call put in place...
+            sys.stdout, sys.stderr = saved
+        _flush_std()  # ... and the worker's own, which the call may have written to too
         os.dup2(self.devnull, 1)
         os.dup2(self.devnull, 2)
 
+    def children_cpu(self) -> float:
+        """CPU seconds of the child processes reaped (waited for) since the call began."""
+        start = self._children_usage
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if start is None or usage == start:  # none reaped (the usual case)
+            return 0.0
+        return (usage.ru_utime + usage.ru_stime) - (start.ru_utime + start.ru_stime)
+
     def read(self) -> tuple[bytes, bytes]:
         """The call's output (capped: see read_capped); call after the ``with`` block."""
-        out, err = read_capped_fd(self.fds[0]), read_capped_fd(self.fds[1])
+        out_fd, err_fd = self.fds
+        # read_capped_fd's first read, inline (this runs once per job): it is called only
+        # for output of 64 KiB or more.
+        out, err = os.pread(out_fd, _READ_CHUNK, 0), os.pread(err_fd, _READ_CHUNK, 0)
+        if len(out) >= _READ_CHUNK:
+            out = read_capped_fd(out_fd)
+        if len(err) >= _READ_CHUNK:
+            err = read_capped_fd(err_fd)
         self.written = [bool(out), bool(err)]
         return out, err
 
@@ -113,7 +139,7 @@ class Output:
     def _may_be_shared(self) -> bool:
         # waitid first: a child reaped after it is then counted in the usage read below.
         shared = False
-        if _waitid is None or signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
+        if _waitid is None or _getsignal(_SIGCHLD) == _SIG_IGN:
             shared = True
         else:
             try:
@@ -122,10 +148,8 @@ class Output:
             except ChildProcessError:
                 pass
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.children_cpu_at_start = usage.ru_utime + usage.ru_stime
-        mark = (usage.ru_utime, usage.ru_stime, usage.ru_minflt, usage.ru_majflt, usage.ru_nvcsw, usage.ru_nivcsw)
-        if mark != self._children_usage:
-            self._children_usage = mark
+        if usage != self._children_usage:  # compared as tuples of all the fields
+            self._children_usage = usage
             shared = True
         return shared
 
@@ -140,12 +164,6 @@ class Output:
             self.fds[i] = fd
         self.written = [False, False]
         self.replaced += 1
-
-
-def children_cpu() -> float:
-    """CPU seconds of the child processes this process has waited for (all of them, ever)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def read_capped(path: str, cap: int = OUTPUT_CAP) -> bytes:

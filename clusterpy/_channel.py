@@ -5,7 +5,7 @@ in each worker process); it never imports asyncio, so the worker stays light.
 
 A frame is a 4-byte big-endian length and a payload in the form of
 :mod:`clusterpy.protocol.outofband`: a pickle (protocol 5) of a tuple of builtins, its large
-``bytes`` (at its top level, or values of a dict at its top level) carried out of band::
+``bytes`` (items of it or of tuples in it, or values of a dict in it) carried out of band::
 
     | size (4 bytes) | pickle | or | size (4 bytes) | 0x01, lengths | pickle | buffer ... |
 
@@ -100,6 +100,19 @@ class ChannelReader:
     def receive(self) -> Any:
         """Return the next message (unpickled), or None at end of file (also mid-frame)."""
         pending = self._pending
+        if not pending:
+            # The usual case: the pool sends a command and waits for the reply, so the read
+            # holds exactly one small frame. An in-band pickle (the pool's large buffers go
+            # out of band) makes objects of its own, never views of what it is read from,
+            # so it is unpickled straight from the scratch buffer, without copying it.
+            n = os.readv(self.fd, [self._scratch])
+            if not n:
+                return None
+            scratch = self._scratch
+            if n > HEADER_SIZE and n == HEADER_SIZE + int.from_bytes(scratch[:HEADER_SIZE], "big") \
+                    and scratch[HEADER_SIZE] != outofband.MARK:
+                return pickle.loads(scratch[HEADER_SIZE:n])
+            pending += scratch[:n]
         while len(pending) < HEADER_SIZE:
             if not self._fill():
                 return None
@@ -137,6 +150,8 @@ def write_all(fd: int, data: bytes | memoryview | list[Part]) -> None:
     ``fd``: one ``writev`` unless the pipe fills or a signal interrupts it."""
     parts = [data] if not isinstance(data, list) else data
     n = os.writev(fd, parts)
+    if len(parts) == 1 and type(parts[0]) is bytes and n == len(parts[0]):
+        return  # the usual small frame, all written
     total = outofband.payload_size(parts)
     while n < total:
         views = [memoryview(p).cast("B") for p in parts]

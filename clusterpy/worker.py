@@ -20,8 +20,9 @@ Data flow::
 Commands and replies (exactly one reply per command, except ``exit``)::
 
     ("load", comp_id, kind, workdir, bundle, program, env)  ->  ("loaded", comp_id, error | None)
-    ("run", job_id, comp_id, args[, options])               ->  ("done", {JobOutcome fields})
-                                (options None or left out: those of the previous run)
+    ("run", job_id, comp_id, args[, options])               ->  ("done", (JobOutcome fields))
+                                (options None or left out: those of the previous run; the
+                                fields in JobOutcome's order, see _workjob.outcome_from_reply)
     during a run, unasked (clusterpy.progress)              ->  ("progress", job_id, value_bytes)
                                                                 ("file", job_id, name, data, last, error)
     ("unload", comp_id)                                     ->  ("unloaded", comp_id, error | None)
@@ -58,7 +59,7 @@ import time
 from typing import Any
 
 from . import _userdata
-from ._capture import OUTPUT_CAP, Output, children_cpu, output_base, read_capped
+from ._capture import OUTPUT_CAP, Output, output_base, read_capped
 from ._channel import MAX_FRAME, ChannelReader, FrameDecoder, encode_frame, write_all
 from ._malloc import tune_malloc
 
@@ -81,6 +82,10 @@ MAX_EXCEPTION = 1 << 20
 _PLAIN_RESULTS = (int, float, bool, type(None))
 _PLAIN_MAX = 64 * 1024  # ... and str/bytes up to this length (pickle.dumps is slow for large ones)
 
+#: The exception fields of a JobOutcome (exception, exc_type, exc_message, traceback).
+_ErrorFields = tuple[bytes | None, str | None, str | None, str | None]
+_NO_ERROR: _ErrorFields = (None, None, None, None)
+
 
 # ---------------------------------------------------------------------------------------
 # The worker
@@ -100,7 +105,7 @@ class _Computation:
         self.env = env or {}
         self.compute = None
         self.cleanup = None
-        self.setup_error: dict[str, object] | None = None
+        self.setup_error: _ErrorFields | None = None
         self.setup_output: tuple[bytes, bytes] = (b"", b"")
         self.only_if = None  # a predicate: results it rejects are dropped here (clusterpy.progress.DROPPED)
         self.return_files = False  # run each job in a private directory; send back what it makes
@@ -113,13 +118,15 @@ class _Worker:
         self.output = Output(output_base(capture_dir, os.getpid()), devnull)
         self.comps: dict[str, _Computation] = {}
         self.options: dict[str, Any] = {}
+        self._slowdown = 1.0  # options["slowdown"] as a float, parsed once per change of options
         self._cloudpickle = None
         self._send_lock = threading.Lock()
 
     # -- channel -----------------------------------------------------------------------
 
-    def send(self, message: tuple[object, ...]) -> None:
-        frame = encode_frame(message, _size_hint(message))
+    def send(self, message: tuple[object, ...], size_hint: int = -1) -> None:
+        """Send ``message`` to the pool; ``size_hint``: see encode_frame (-1: work it out)."""
+        frame = encode_frame(message, _size_hint(message) if size_hint < 0 else size_hint)
         # A job's threads may send (clusterpy.progress) while the main thread does: one frame at a time.
         with self._send_lock:
             write_all(self.chan_out, frame)
@@ -133,7 +140,8 @@ class _Worker:
                     break
                 op = command[0]
                 if op == "run":
-                    self.send(("done", self.run(*command[1:])))
+                    fields = self.run(*command[1:])
+                    self.send(("done", fields), _reply_size(fields))
                 elif op == "load":
                     self.send(("loaded", command[1], self.load(*command[1:])))
                 elif op == "unload":
@@ -195,7 +203,7 @@ class _Worker:
             capture.discard()
             return None
         comp.setup_output = capture.read()
-        return str(comp.setup_error["exc_message"])
+        return comp.setup_error[2]
 
     def unload(self, comp_id: str) -> str | None:
         """Run the computation's cleanup (if its setup succeeded) and drop it."""
@@ -208,7 +216,7 @@ class _Worker:
                 try:
                     comp.cleanup()
                 except BaseException as exc:  # noqa: BLE001
-                    error = str(self._describe(exc)["traceback"])
+                    error = self._describe(exc)[3]
         if not any(c.workdir == comp.workdir for c in self.comps.values()):
             while comp.workdir in sys.path:
                 sys.path.remove(comp.workdir)
@@ -221,37 +229,41 @@ class _Worker:
                     del sys.modules[name]
         return error
 
-    def run(self, job_id: str, comp_id: str, args: bytes, options: dict[str, Any] | None = None) -> dict[str, object]:
-        """Run one job; return the fields of its JobOutcome. Never raises for the job's faults.
+    def run(self, job_id: str, comp_id: str, args: bytes,
+            options: dict[str, Any] | None = None) -> tuple[object, ...]:
+        """Run one job; return the fields of its JobOutcome, in their order. Never raises for
+        the job's faults.
 
         ``options``: see the module docstring (``max_file``, ``slowdown``, ``fault``); None:
         those of the previous run."""
         global current_job_id, job_send, job_options
         if options is not None:
             self.options = options
+            self._slowdown = float(options.get("slowdown") or 1.0)
         options = self.options
         comp = self.comps.get(comp_id)
-        error: dict[str, object] | None
         if comp is None or comp.setup_error is not None:
             now = time.time()
+            error: _ErrorFields | None
             if comp is None:
                 error = self._describe(LookupError(f"computation {comp_id!r} is not loaded in this worker"))
                 status, output = "exception", (b"", b"")
             else:
                 error, status, output = comp.setup_error, "setup_failed", comp.setup_output
             assert error is not None
-            return dict(job_id=job_id, status=status, result=None, **error,
-                        stdout=output[0], stderr=output[1], start_time=now, end_time=now,
-                        cpu_time=0.0, exit_code=None)
+            return (job_id, status, None, *error, output[0], output[1], now, now, 0.0, None)
 
         if sys.path[0] != comp.workdir:
             if comp.workdir in sys.path:
                 sys.path.remove(comp.workdir)
             sys.path.insert(0, comp.workdir)
         status, exit_code = "finished", None
-        result: bytes | None = None
-        error = None
-        with self.output as capture, _Environ(comp.env), _Cwd(comp.workdir):
+        result: _userdata.Payload | None = None
+        error = _NO_ERROR
+        environ = _Environ(comp.env) if comp.env else _ENVIRON_UNCHANGED
+        with self.output as capture, environ:
+            # Every time, even if the last job ran here: a job may have left the directory.
+            os.chdir(comp.workdir)
             current_job_id = job_id
             job_send, job_options = self.send, dict(options)  # a job may not change the next one's
             start, cpu_start = time.time(), time.process_time()
@@ -282,26 +294,19 @@ class _Worker:
                     progress.return_made_files(self.send, job_id, private,
                                                int(options.get("max_file", progress.DEFAULT_MAX_SEND_FILE)))
                 current_job_id, job_send, job_options = None, None, {}
-            if error is None:
-                result, error = self._pickle_result(value)
-                if error is not None:
-                    status = "exception"
+            if status == "finished":
+                result, pickle_error = self._pickle_result(value)
+                if pickle_error is not None:
+                    status, error = "exception", pickle_error
                 del value
             # The job's own CPU (all threads) and that of the child processes it waited for.
-            cpu = time.process_time() - cpu_start + children_cpu() - capture.children_cpu_at_start
+            cpu = time.process_time() - cpu_start + capture.children_cpu()
             end = time.time()
-            slowdown = float(options.get("slowdown") or 1.0)
-            if slowdown > 1.0:  # --slowdown (a testing aid): this job takes `slowdown` times as long
-                time.sleep((slowdown - 1.0) * (end - start))
+            if self._slowdown > 1.0:  # --slowdown (a testing aid): this job takes `slowdown` times as long
+                time.sleep((self._slowdown - 1.0) * (end - start))
                 end = time.time()
         stdout, stderr = capture.read()
-        if error is None:
-            return dict(job_id=job_id, status=status, result=result, exception=None, exc_type=None,
-                        exc_message=None, traceback=None, stdout=stdout, stderr=stderr,
-                        start_time=start, end_time=end, cpu_time=cpu, exit_code=exit_code)
-        return dict(job_id=job_id, status=status, result=result, **error, stdout=stdout,
-                    stderr=stderr, start_time=start, end_time=end, cpu_time=cpu,
-                    exit_code=exit_code)
+        return (job_id, status, result, *error, stdout, stderr, start, end, cpu, exit_code)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -325,7 +330,7 @@ class _Worker:
             return _run_program(comp, args, kwargs)
         return comp.compute(*args, **kwargs)  # type: ignore[misc]
 
-    def _pickle_result(self, value: object) -> tuple[_userdata.Payload | None, dict[str, object] | None]:
+    def _pickle_result(self, value: object) -> tuple[_userdata.Payload | None, _ErrorFields | None]:
         cause: BaseException | None
         kind = type(value)
         if kind in _PLAIN_RESULTS or ((kind is str or kind is bytes) and len(value) <= _PLAIN_MAX):  # type: ignore[arg-type]
@@ -348,8 +353,9 @@ class _Worker:
         except pickle.PicklingError as exc:
             return None, self._describe(exc)
 
-    def _describe(self, exc: BaseException, skip: int = 0) -> dict[str, object]:
-        """Return the exception fields of a JobOutcome for ``exc``; ``skip`` drops our own frames."""
+    def _describe(self, exc: BaseException, skip: int = 0) -> _ErrorFields:
+        """Return the exception fields of a JobOutcome for ``exc`` (exception, exc_type,
+        exc_message, traceback); ``skip`` drops our own frames."""
         import traceback
 
         tb = exc.__traceback__
@@ -368,18 +374,28 @@ class _Worker:
                 blob = None
         except BaseException:  # noqa: BLE001 -- unpicklable exceptions travel as text only
             blob = None
-        return dict(exception=blob, exc_type=type(exc).__name__, exc_message=message, traceback=text)
+        return (blob, type(exc).__name__, message, text)
 
 
 def _size_hint(message: tuple[object, ...]) -> int:
-    """Bytes held by ``message``'s ``bytes`` (at its top level and in a dict in it): which
-    way encode_frame should pickle it."""
+    """Bytes held by ``message``'s ``bytes`` and user payloads (at its top level): which way
+    encode_frame should pickle it."""
     size = 0
     for item in message:
-        if isinstance(item, (bytes, tuple)):
+        if isinstance(item, (bytes, memoryview, tuple)):
             size += _userdata.size(item)
-        elif isinstance(item, dict):
-            size += sum(_userdata.size(v) for v in item.values() if isinstance(v, (bytes, tuple)))
+    return size
+
+
+def _reply_size(fields: tuple[Any, ...]) -> int:
+    """:func:`_size_hint` of a "done" reply's fields: only result, exception, stdout and
+    stderr can be large (the rest are short strings and numbers), so only they are counted."""
+    result, exception = fields[2], fields[3]
+    size = len(fields[7]) + len(fields[8])
+    if exception is not None:
+        size += len(exception)
+    if result is not None:
+        size += len(result) if type(result) is bytes else _userdata.size(result)
     return size
 
 
@@ -430,6 +446,20 @@ class _Environ:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class _EnvironUnchanged:
+    """:class:`_Environ` of a computation that sets no variables (most): nothing to save,
+    set or restore, and nothing made per call."""
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+
+_ENVIRON_UNCHANGED = _EnvironUnchanged()
 
 
 class _Cwd:
