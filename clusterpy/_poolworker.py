@@ -83,6 +83,8 @@ class _Worker:
         self.returncode: int | None = None
         self.ready = False
         self.loaded: dict[str, ComputationSpec] = {}
+        # The pool's specs version when ``loaded`` was last found free of stale computations.
+        self.specs_checked = -1
         self.options: dict[str, Any] | None = None  # the job options the worker has
         self.stdin: asyncio.WriteTransport | None = None
         self.job_id: str | None = None

@@ -385,28 +385,34 @@ class NodeServer:
     # ---------------------------------------------------------------- run queue
 
     def enqueue(self, job: QueuedJob) -> None:
-        self._run_queue.append(job)
-        self._pump()
-
-    def _cpus_of(self, job: QueuedJob) -> int:
-        """CPU slots a job occupies: what it asked for, at most the whole node (then it runs alone)."""
-        return min(max(1, job.request.cpus), self.cpus)
+        """Queue ``job`` behind the others (strict FIFO): it starts at once only if none waits
+        ahead of it and its CPU slots are free."""
+        # The slots it takes: what it asked for, at most the whole node (then it runs alone).
+        # Set once here, so the run queue compares integers.
+        job.cpus = min(max(1, job.request.cpus), self.cpus)
+        if self._run_queue or job.cpus > self._slots:
+            # The head of a non-empty queue needs more slots than are free (slots are freed,
+            # and the head leaves, only where _pump runs next), and nothing may pass it:
+            # pumping now would start nothing.
+            self._run_queue.append(job)
+            return
+        self._slots -= job.cpus
+        self._start(job)
 
     def _pump(self) -> None:
-        # Strict FIFO: a job that needs more free CPUs than there are waits at the head, so
-        # a stream of 1-CPU jobs cannot starve it.
+        """Start the queued jobs whose slots are free, in order. Strict FIFO: a job that needs
+        more free CPUs than there are waits at the head, so a stream of 1-CPU jobs cannot
+        starve it. Called whenever slots are freed or the head of the queue leaves it."""
         queue = self._run_queue
         while queue:
             job = queue[0]
             if job.cancelled:
                 queue.popleft()
                 continue
-            cpus = self._cpus_of(job)
-            if cpus > self._slots:
+            if job.cpus > self._slots:
                 break
             queue.popleft()
-            self._slots -= cpus
-            job.cpus = cpus
+            self._slots -= job.cpus
             self._start(job)
 
     def _start(self, job: QueuedJob) -> None:
@@ -415,12 +421,12 @@ class NodeServer:
         through a task that waits for a worker and loads the computation."""
         job.started = True
         req = job.request
-        owner = job.comp.owner
-        if owner is not None:
-            owner.started(job)
+        comp = job.comp
+        if comp.owner is not None:
+            comp.owner.started(job)
         if req.timeout is not None and req.timeout > 0:
             job.timer = asyncio.get_running_loop().call_later(req.timeout, self._time_out, job)
-        work = WorkerJob(job.key, job.comp.comp_id, req.args)
+        work = WorkerJob(job.key, comp.comp_id, req.args)
         on_message = (lambda msg: self._job_message(job, msg))
         try:
             if self.pool.try_run(work, lambda outcome: self._ended(job, outcome), on_message=on_message):
@@ -456,7 +462,8 @@ class NodeServer:
         if job.ended is not None and not job.ended.done():
             job.ended.set_result(None)
         self._slots += job.cpus
-        self._pump()
+        if self._run_queue:
+            self._pump()
 
     def _ending(self, job: QueuedJob) -> asyncio.Future[None]:
         """A future resolved once a started job is over."""
@@ -487,10 +494,7 @@ class NodeServer:
         """Cancel a queued job at once, or terminate the worker running it."""
         job.cancelled = True
         if not job.started:
-            try:
-                self._run_queue.remove(job)
-            except ValueError:
-                pass
+            self._dequeue(job)
             now = time.time()
             self._report(job, JobOutcome(
                 job.key, "cancelled", None, None, None, None, None, b"", b"", now, now, 0.0, None))
@@ -500,13 +504,24 @@ class NodeServer:
     def recall(self, job: QueuedJob) -> bool:
         """Take back a job that has not started (the client runs it elsewhere); False if it
         has started, or ended, already."""
-        if job.started or job.cancelled:
-            return False
-        try:
-            self._run_queue.remove(job)
-        except ValueError:
+        if job.started or job.cancelled or not self._dequeue(job):
             return False
         job.comp.jobs.pop(job.key, None)
+        return True
+
+    def _dequeue(self, job: QueuedJob) -> bool:
+        """Take a job that has not started out of the run queue; False if it is not there (held
+        behind an AddFiles, say). If it was at the head, what waited behind it may start now."""
+        queue = self._run_queue
+        if not queue:
+            return False
+        head = queue[0] is job
+        try:
+            queue.remove(job)
+        except ValueError:
+            return False
+        if head:
+            self._pump()
         return True
 
     def _report(self, job: QueuedJob, outcome: JobOutcome) -> None:

@@ -60,6 +60,8 @@ def job_key(comp_id: str, job_id: str, attempt: int) -> str:
 #: Seconds a job runs before the node reports it started (JobsStarted); shorter jobs are
 #: reported by their JobDone alone.
 START_REPORT_DELAY = 0.002
+# A job this close to the delay counts as due (the timer's clock is not time.time()).
+_START_SLACK = 0.0001
 
 
 @dataclass(eq=False, slots=True)
@@ -74,7 +76,7 @@ class QueuedJob:
     timed_out: bool = False
     started: bool = False
     done: bool = False
-    cpus: int = 0  # the CPU slots it holds once started
+    cpus: int = 0  # the CPU slots it takes (set when it is queued), held while it runs
     # Only for a job that had to wait for a worker (WorkerPool.run): most run without a task.
     task: asyncio.Task[None] | None = None
     timer: asyncio.TimerHandle | None = None  # its timeout
@@ -193,6 +195,10 @@ class ClientSession:
         if not self.conn.writable:
             return False
         message = codec.decode(payload)
+        if type(message) is m.SubmitJobs:  # nearly every message: no dispatch chain for it
+            self.last_heard = time.monotonic()
+            self._submit(message)
+            return True
         if isinstance(message, (m.CancelJob, m.CloseComputation)):
             return False
         self.last_heard = time.monotonic()
@@ -213,21 +219,29 @@ class ClientSession:
             self._handle_sync(msg)
         await self.conn.drain()
 
+    def _submit(self, msg: m.SubmitJobs) -> None:
+        """Queue the jobs of a SubmitJobs (a duplicate of a job already here is ignored).
+
+        Raises:
+            ProtocolError: the computation is not (yet) ready on this node.
+        """
+        comp = self.comps.get(msg.comp_id)
+        if comp is None or not comp.ready:
+            raise ProtocolError(f"jobs for computation {msg.comp_id!r} that is not ready")
+        jobs, enqueue = comp.jobs, self.node.enqueue
+        for req in msg.jobs:
+            key = job_key(msg.comp_id, req.job_id, req.attempt)
+            if key in jobs:
+                continue  # a duplicate dispatch of the same attempt: run it once
+            job = jobs[key] = QueuedJob(comp, req, key)
+            if comp.adds:  # submitted after an AddFiles: runs once those files are in place
+                comp.held.append(job)
+            else:
+                enqueue(job)
+
     def _handle_sync(self, msg: object) -> None:
         if isinstance(msg, m.SubmitJobs):
-            comp = self.comps.get(msg.comp_id)
-            if comp is None or not comp.ready:
-                raise ProtocolError(f"jobs for computation {msg.comp_id!r} that is not ready")
-            for req in msg.jobs:
-                key = job_key(comp.comp_id, req.job_id, req.attempt)
-                if key in comp.jobs:
-                    continue  # a duplicate dispatch of the same attempt: run it once
-                job = QueuedJob(comp, req, key)
-                comp.jobs[key] = job
-                if comp.adds:  # submitted after an AddFiles: runs once those files are in place
-                    comp.held.append(job)
-                else:
-                    self.node.enqueue(job)
+            self._submit(msg)
         elif isinstance(msg, m.Ping):
             self.send(m.Pong(msg.sent))
         elif isinstance(msg, m.Pong):
@@ -467,16 +481,25 @@ class ClientSession:
 
     def _report_started(self) -> None:
         self._start_timer = None
-        if self._started and not self.conn.closed:
-            self.conn.before_flush(self._flush_started)  # with whatever else goes out this turn
+        if not self._started or self.conn.closed:
+            return
+        # With short jobs, the job the timer was set for has ended and the oldest one running
+        # now is younger than the delay: wait for that one, without waking the connection's
+        # flush for nothing (this timer ticks every START_REPORT_DELAY while jobs stream by).
+        _, began = next(iter(self._started.values()))
+        wait = began + START_REPORT_DELAY - time.time()
+        if wait > _START_SLACK:
+            self._start_timer = asyncio.get_running_loop().call_later(wait, self._report_started)
+            return
+        self.conn.before_flush(self._flush_started)  # with whatever else goes out this turn
 
     def _flush_started(self, everything: bool = False) -> None:
         """Report the jobs that have run START_REPORT_DELAY seconds (``everything``: all the
         jobs running), oldest first; the timer is armed again for the rest. Jobs that ended
         already were taken out by deliver(): their JobDone went out first."""
         now = time.time()
-        # Entries are in start order. (The slack: the timer's clock is not time.time().)
-        cutoff = now if everything else now - START_REPORT_DELAY + 0.0001
+        # Entries are in start order.
+        cutoff = now if everything else now - START_REPORT_DELAY + _START_SLACK
         due: list[str] = []
         by_comp: dict[str, list[m.JobStart]] = {}
         for key, (job, began) in self._started.items():
@@ -493,7 +516,14 @@ class ClientSession:
             self.send(m.JobsStarted(comp_id, tuple(starts)))
 
     def deliver(self, message: m.JobDone | m.JobProgress | m.JobFile, key: str | None = None) -> None:
-        """Send a job's message; ``key`` is its job's key, if the caller has it at hand."""
+        """Send a job's message; ``key`` is its job's key, if the caller has it at hand.
+
+        The caller checks ``conn.closed`` first (a result for a client that is away is kept
+        instead), so this sends without checking again.
+
+        Raises:
+            ConnectionClosedError: the connection is closed or broken.
+        """
         if key is None:
             key = job_key(message.comp_id, message.job_id, message.attempt)
         if type(message) is m.JobDone:
@@ -504,7 +534,7 @@ class ClientSession:
                 self._start_timer = None
         elif key in self._started:
             self._flush_started(everything=True)  # Running reaches the client before the job's first message
-        self.send(message)
+        self.conn.send(codec.encode_parts(message))
 
 
 @dataclass(eq=False)

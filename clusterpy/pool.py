@@ -88,6 +88,9 @@ class WorkerPool:
         self.job_options: dict[str, Any] = dict(job_options or {})
         self.max_send_file: int = int(self.job_options.setdefault("max_file", _DEFAULT_MAX_SEND_FILE))
         self._specs: dict[str, ComputationSpec] = {}
+        # Bumped whenever _specs changes: _release looks for stale computations in a worker only
+        # if something changed since it last looked (``_Worker.specs_checked``), not per job.
+        self._specs_version = 0
         self._workers: set[_Worker] = set()  # every process started and not yet finished
         self._idle: list[_Worker] = []
         self._waiters: deque[asyncio.Future[_Worker]] = deque()
@@ -211,6 +214,7 @@ class WorkerPool:
         existing = self._specs.get(spec.comp_id)
         if existing is None:
             self._specs[spec.comp_id] = spec
+            self._specs_version += 1
         elif existing != spec:
             raise ValueError(f"computation {spec.comp_id!r} is already registered with another spec")
 
@@ -219,6 +223,7 @@ class WorkerPool:
         ones right after their current job (not awaited). Unknown ids are ignored."""
         if self._specs.pop(comp_id, None) is None:
             return
+        self._specs_version += 1
         idle = [w for w in self._idle if comp_id in w.loaded]
         for worker in idle:
             self._idle.remove(worker)
@@ -503,10 +508,14 @@ class WorkerPool:
         """Make ``worker`` available: to the first waiter, or the idle list."""
         if worker.exited.done() or worker.killed or self._state != "open":
             return  # dead (or dying) workers are replaced by _worker_exited; aclose() stops the rest
-        stale = [cid for cid, spec in worker.loaded.items() if self._specs.get(cid) is not spec]
-        if stale:
-            self._start_task(self._unload(worker, stale))
-            return
+        if worker.specs_checked != self._specs_version:
+            # A computation was removed (or replaced) since this worker was last released: it
+            # runs the cleanup of those it loaded first. (Checked only then: not per job.)
+            stale = [cid for cid, spec in worker.loaded.items() if self._specs.get(cid) is not spec]
+            if stale:
+                self._start_task(self._unload(worker, stale))
+                return
+            worker.specs_checked = self._specs_version
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

@@ -18,7 +18,7 @@ import pytest
 
 from clusterpy.pool import JobOutcome, WorkerJob, WorkerPool
 
-from .test_pool import alive, eventually, function_spec, job, result
+from .test_pool import alive, cleanup_marker, eventually, function_spec, job, result
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -146,3 +146,29 @@ async def test_try_run_sends_changed_job_options(tmp_path: Path, options_change:
         assert result(outcome) == 2
         (worker,) = pool._workers
         assert worker.options == pool.job_options
+
+
+async def test_a_computation_replaced_while_its_try_run_job_runs_is_cleaned_up_after_it(tmp_path: Path):
+    # The pool looks for stale computations in a released worker only when its computations
+    # changed (not after every job): a removal and a re-adding under the same id while the
+    # job runs must still make the worker run the old one's cleanup, then load the new one.
+    async with WorkerPool(1) as pool:
+        pool.add_computation(function_spec(tmp_path, work, cleanup=cleanup_marker))
+        pid = result(await pool.run(job("pid")))
+        done = Outcomes()
+        for n in range(1, 4):  # released after each job, nothing stale: try_run all along
+            assert pool.try_run(job("pid"), done)
+            await done.wait(n)
+        assert pool.try_run(job("sleep", 0.3), done)
+        await pool.remove_computation("comp")
+        pool.add_computation(function_spec(tmp_path, work, cleanup=cleanup_marker))
+        assert [result(o) for o in await done.wait(4)] == [pid] * 4
+        # The job's end released the worker into the old computation's cleanup (on_done is
+        # called after the release); it is idle again once the cleanup replied.
+        assert not pool._idle
+        await eventually(lambda: pool._idle)
+        assert (tmp_path / "cleaned").read_text().split() == [str(pid)]
+        assert not pool.try_run(job("pid"), done), "the new spec is not loaded yet"
+        assert result(await pool.run(job("pid"))) == pid  # run() loads it
+        assert pool.try_run(job("pid"), done)
+        assert result((await done.wait(5))[-1]) == pid
