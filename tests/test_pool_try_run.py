@@ -16,7 +16,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-from clusterpy.pool import JobOutcome, WorkerJob, WorkerPool
+from clusterpy.pool import JobOutcome, WorkerPool
 
 from .test_pool import alive, cleanup_marker, eventually, function_spec, job, result
 
