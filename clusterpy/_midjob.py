@@ -51,6 +51,9 @@ class MidJob:
     def __init__(self, rt: "_Runtime", files_dir: str, max_file_size: int) -> None:
         self.rt = rt
         self.receiver = FileReceiver(files_dir, max_file_size)
+        #: Whether a job ever sent a file piece: until then a job's end has nothing to discard
+        #: here (the runtime skips :meth:`ended` per job).
+        self.receiving = False
 
     def _current(self, link: "_NodeLink", job_id: str, attempt: int) -> ClusterJob | None:
         entry = self.rt.jobs.get(job_id)
@@ -77,6 +80,7 @@ class MidJob:
         self.rt.cluster._job_done(snapshot(job))
 
     def on_file(self, link: "_NodeLink", msg: m.JobFile) -> None:
+        self.receiving = True
         job = self._current(link, msg.job_id, msg.attempt)
         if job is None:
             log.debug("ignored a file piece of job %s attempt %d", msg.job_id, msg.attempt)

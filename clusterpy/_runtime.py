@@ -22,7 +22,6 @@ from .core.scheduler import (
     CancelRequested,
     DeliverResult,
     DispatchJobs,
-    JobReported,
     JobsRecalled,
     JobsStarted,
     JobState,
@@ -60,6 +59,9 @@ __all__: list[str] = []  # private: the public API is clusterpy.client.JobCluste
 log = logging.getLogger("clusterpy.client")
 
 _PERMANENT = (AuthenticationError, VersionMismatchError)
+# Read per job: an Enum member through its class costs ~100 ns in Python 3.11 (EnumType's
+# __getattr__ hook), a module global a tenth of that.
+_CREATED, _RUNNING = JobStatus.Created, JobStatus.Running
 
 
 def _score(text: str | None) -> float:
@@ -108,24 +110,30 @@ class _NodeLink(NodeLink):
 
     def queue_job(self, request: m.JobRequest) -> None:
         """Add a job to this loop turn's SubmitJobs batch for the node: it is encoded and sent
-        just before the connection's end-of-turn write (``Connection.before_flush``), so the
-        jobs dispatched in one turn travel in one message, with no extra loop iteration."""
+        just before the connection's next write (``Connection.before_flush``: at the end of
+        the read being handled, or of the loop turn), or, for a batch of submissions, as
+        :meth:`_Runtime.deliver` ends; the jobs dispatched together travel in one message,
+        with no extra loop iteration."""
         if not self.pending_submit:
             conn = self.conn
             if conn is None or conn.closed:
                 return  # the link is going down: the core moves or abandons its jobs
-            try:
-                conn.before_flush(self.flush)
-            except ClusterError:
-                return
-            if self.runtime.submitting is not None:
-                self.runtime.submitting.append(self)
+            submitting = self.runtime.submitting
+            if submitting is not None:
+                submitting.append(self)  # _Runtime.deliver sends the batch as it ends
+            else:
+                try:
+                    conn.before_flush(self.flush)
+                except ClusterError:
+                    return
         self.pending_submit.append(request)
 
-    def flush(self) -> None:
-        """Send the pending batch now (also before a message that must follow it)."""
+    def flush(self, now: bool = False) -> None:
+        """Send the pending batch (also before a message that must follow it); ``now``: write
+        it at once, rather than with the connection's end-of-turn write."""
         if self.pending_submit and self.conn is not None and not self.conn.closed:
-            self.conn.send(codec.encode_parts(m.SubmitJobs(self.runtime.comp_id, tuple(self.pending_submit))))
+            self.conn.send(codec.encode_parts(m.SubmitJobs(self.runtime.comp_id, tuple(self.pending_submit))),
+                           now=now)
         self.pending_submit.clear()
 
 
@@ -169,6 +177,16 @@ class _Runtime:
         self.scatter = ScatterState(self)  # scattered objects and their transfers (clusterpy.scatter)
         self.history = JobHistory()  # counts, throughput, latest failures: fed while a monitor runs
         self.monitor: Any = None  # clusterpy.monitor.MonitorServer when monitor= is given
+        # Whether the cluster overrides the _job_started hook (clusterpy.compat.dispy): only
+        # then must a job reported by its end alone be shown as started first (_on_done).
+        from .client import JobCluster  # imported by now (it imports this module)
+
+        self.started_hook = getattr(type(cluster), "_job_started", None) is not JobCluster._job_started
+        # Whether a job's end must be told to the cluster's _job_done: JobCluster's does
+        # something only with a callback (its thread pool is made at construction), a
+        # subclass's (dispy's notifications, a shared cluster's) always may.
+        self.done_hook = (getattr(cluster, "_callbacks", None) is not None
+                          or getattr(type(cluster), "_job_done", None) is not JobCluster._job_done)
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -276,7 +294,10 @@ class _Runtime:
     def link_message(self, link: NodeLink, msg: object) -> None:
         assert isinstance(link, _NodeLink)
         if link.joined:
-            self.on_message(link, msg)
+            if type(msg) is m.JobDone:  # every job's report: straight to its handler
+                self._on_done(link, msg)
+            else:
+                self.on_message(link, msg)
 
     def link_down(self, link: NodeLink, reason: str) -> None:
         assert isinstance(link, _NodeLink)
@@ -310,22 +331,8 @@ class _Runtime:
 
     def execute(self, actions: list[Any]) -> None:
         for action in actions:
-            if isinstance(action, DispatchJobs):
-                link = self.by_node[action.node_id]
-                cpus = self.cluster.cpus_per_job
-                dequeued = 0
-                for job_id, attempt in action.jobs:
-                    _job, args, timeout = self.jobs[job_id]
-                    first = _job._queued
-                    if first:  # its first dispatch: it no longer counts against max_queued
-                        _job._queued = False
-                        dequeued += 1
-                    self.stats.dispatched(action.node_id, _job, _userdata.size(args), first)
-                    link.queue_job(m.JobRequest(job_id, attempt, args, timeout, cpus))
-                    if self.journal is not None:
-                        self.record("dispatch", job_id, action.node_id, attempt)
-                if dequeued:
-                    self.queue.release(dequeued)
+            if type(action) is DispatchJobs:  # nearly every action: one per refill of a node
+                self._dispatch(action.node_id, action.jobs)
             elif isinstance(action, ResolveJob):
                 entry = self.jobs.get(action.job_id)
                 if entry is None:  # already resolved (a replica the trust layer settled, a cancel)
@@ -358,29 +365,61 @@ class _Runtime:
             else:  # pragma: no cover - a new action type must be handled here
                 raise TypeError(action)
 
+    def _dispatch(self, node_id: str, jobs: tuple[tuple[str, int], ...]) -> None:
+        """Send these (job id, attempt) to the node, in its SubmitJobs batch of this turn."""
+        link = self.by_node[node_id]
+        pending = link.pending_submit
+        cpus = self.cluster.cpus_per_job
+        held = self.jobs
+        stats = self.stats
+        dequeued = 0
+        for job_id, attempt in jobs:
+            job, args, timeout = held[job_id]
+            first = job._queued
+            if first:  # its first dispatch: it no longer counts against max_queued
+                job._queued = False
+                dequeued += 1
+            # (A plain pickle, the common case, is measured without a call.)
+            stats.dispatched(node_id, job, len(args) if type(args) is bytes else _userdata.size(args), first)
+            request = m.JobRequest(job_id, attempt, args, timeout, cpus)
+            if pending:  # the link's batch of this turn is open: join it
+                pending.append(request)
+            else:
+                link.queue_job(request)
+            if self.journal is not None:
+                self.record("dispatch", job_id, node_id, attempt)
+        if dequeued:
+            self.queue.release(dequeued)
+
     def deliver(self, items: list[tuple[Any, ...]]) -> None:
         """A batch of submissions from user threads (JobCluster._submit_admitted), in order."""
-        self.submitting = []
-        for job, blob, timeout, node, upstream in items:
-            try:
-                if upstream is not None:
-                    self.dependents.hold(job, upstream, timeout, node)
-                else:
-                    self.submit(job, blob, timeout, node)
-            except Exception as exc:  # a bug of ours: fail this job loudly, keep the others
-                log.exception("could not submit job %r", job.id)
-                if not job.done():
-                    self.finish(job, JobStatus.Terminated, exc=ClusterError(f"job {job.id!r} could not be submitted: {exc!r}"))
-        # The batch is complete: its jobs leave now, not a loop iteration later (a caller may
-        # be waiting for the first result).
-        links, self.submitting = self.submitting, None
-        for link in links:
-            if link.pending_submit and link.conn is not None and not link.conn.closed:
-                link.conn.flush()
+        submitting: list[_NodeLink] = []
+        self.submitting = submitting
+        try:
+            for job, blob, timeout, node, upstream in items:
+                try:
+                    if upstream is not None:
+                        self.dependents.hold(job, upstream, timeout, node)
+                    else:
+                        self.submit(job, blob, timeout, node)
+                except Exception as exc:  # a bug of ours: fail this job loudly, keep the others
+                    log.exception("could not submit job %r", job.id)
+                    if not job.done():
+                        self.finish(job, JobStatus.Terminated,
+                                    exc=ClusterError(f"job {job.id!r} could not be submitted: {exc!r}"))
+        finally:
+            # The batch is complete: its jobs leave now, not a loop iteration later (a caller
+            # may be waiting for the first result). queue_job scheduled no end-of-turn flush
+            # for them: whatever happened, they must be sent here.
+            self.submitting = None
+            for link in submitting:
+                link.flush(now=True)
 
     def submit(self, job: ClusterJob, args: _userdata.Payload, timeout: float | None, node: str | None) -> None:
-        self.jobs[job._key] = (job, args, timeout)
-        self.idle.clear()
+        jobs = self.jobs
+        if not jobs:  # idle is set only while no job is held (finish, TrustShell._ended)
+            self.idle.clear()
+        jobs[job._key] = (job, args, timeout)
         if self.journal is not None:
             self.record("submit", job._key, job.id, args, timeout)
         if self.trust is not None and node is None:  # verify / replicas (a pinned job is not re-run elsewhere)
@@ -388,9 +427,14 @@ class _Runtime:
             self.trust.submit(job, args, timeout)
             self._check_all_failed()
             return
-        node_id = None if node is None else (self._find_node(node) or node)
-        self.execute(self.core.handle(JobSubmitted(job._key, node_id=node_id)))
-        self._check_all_failed()
+        if node is None:  # the common case: the core's entry for a plain job, no event object
+            actions = self.core.submit(job._key)
+        else:
+            actions = self.core.handle(JobSubmitted(job._key, node_id=self._find_node(node) or node))
+        if actions:
+            self.execute(actions)
+        if not self.by_node:  # (the check's own first test, without a call per job)
+            self._check_all_failed()
 
     def _find_node(self, node: str) -> str | None:
         for link in self.links:
@@ -508,14 +552,14 @@ class _Runtime:
 
     def _on_done(self, link: _NodeLink, msg: m.JobDone) -> None:
         # The per-job path of every result: keep it lean (attributes read once, nothing
-        # formatted unless it is reported).
+        # formatted unless it is reported, no event or action object the core can do without).
         node_id = link.node_id
         assert node_id is not None
         job_id, state = msg.job_id, msg.status
         took = msg.end_time - msg.start_time
-        actions = self.core.handle(JobReported(node_id, job_id, msg.attempt, state == "died",
-                                               took if state == "finished" or state == "exception" else None))
-        if not actions or type(actions[0]) is not DeliverResult:
+        current, actions = self.core.report(node_id, job_id, msg.attempt, state == "died",
+                                            took if state == "finished" or state == "exception" else None)
+        if not current:
             if state == "died" and job_id in self.jobs:
                 log.warning("job %s killed its worker on %s; trying it again", msg.job_id, link.name)
             log.debug("discarded a late report of job %s attempt %d from %s", msg.job_id, msg.attempt, link.name)
@@ -524,22 +568,26 @@ class _Runtime:
         entry = self.jobs.get(job_id)
         if entry is None:  # resolved meanwhile (cancelled, settled by the trust layer): this report is late
             log.debug("report of job %s from %s came after the job ended; ignored", job_id, link.name)
-            self.execute(actions[1:])
+            self.execute(actions)
             return
         job = entry[0]
-        if job.status is JobStatus.Created and state != "cancelled":
+        trust = self.trust
+        if job.status is _CREATED and state != "cancelled" and (
+                job._fut is not None or self.started_hook or trust is not None):
             # A short job is reported by its end alone (the node reports starts a moment late):
-            # it still goes through Running, as callbacks and dispy's job_status expect.
+            # it still goes through Running where that can be seen: its future's state, the
+            # cluster's _job_started hook (dispy's job_status), a replica the trust layer holds
+            # before its verdict. Otherwise the report below sets its start time and node.
             self._mark_running(job, link, msg.start_time)
-        self.midjob.ended(job_id)
+        if self.midjob.receiving:
+            self.midjob.ended(job_id)
         cpu_time = msg.cpu_time
         link.jobs_done += 1
         link.cpu_time += cpu_time
         self.stats.reported(node_id, job._key, msg.data_size, cpu_time, took)
-        trust = self.trust
         if trust is not None and trust.manages(job):
             trust.on_done(link, msg)  # one replica's report: the trust core decides
-            self.execute(actions[1:])
+            self.execute(actions)
             return
         if self.journal is not None:
             self.record("done", job_id, node_id, msg)
@@ -549,11 +597,11 @@ class _Runtime:
         status, result, exc = apply_report(job, msg, ip_addr=link.ip_addr, node_id=node_id,
                                            hostname=link.hostname, where=link.where)
         self.finish(job, status, result=None if result is DROPPED else result, exc=exc)
-        if len(actions) > 1:
-            self.execute(actions[1:])
+        if actions:
+            self.execute(actions)
 
     def _mark_running(self, job: ClusterJob, link: _NodeLink, start_time: float) -> None:
-        job.status = JobStatus.Running
+        job.status = _RUNNING
         job.start_time = start_time
         job.ip_addr = link.ip_addr
         job._set_running()  # its future, if any, is running: Future.cancel() now returns False
@@ -572,7 +620,8 @@ class _Runtime:
         if self.monitor is not None:  # nobody reads the history without a monitor
             record_job(self.history, job, time.monotonic())
         self.stats.finished(job, unsent)
-        self.cluster._job_done(job)
+        if self.done_hook:
+            self.cluster._job_done(job)
         if not self.jobs and not self.dependents:
             self.idle.set()
 

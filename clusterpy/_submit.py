@@ -82,10 +82,20 @@ def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> _userdata.Paylo
     Raises:
         Exception: whatever pickling raises for an unpicklable argument.
     """
-    if not kwargs and all(type(a) in _PLAIN for a in args):
-        if not any(type(a) is bytes and len(a) >= _userdata.MIN_SIZE for a in args):
-            return pickle.dumps((args, kwargs), protocol=5)
-        return _userdata.dumps((args, kwargs), pickle.dumps, snapshot=True)
+    if not kwargs:
+        # (A loop, not all()/any() over generators: this runs once per job, mostly with one
+        # or two arguments, where the generators cost more than the pickling.)
+        large = False
+        for a in args:
+            kind = type(a)
+            if kind not in _PLAIN:
+                break
+            if kind is bytes and len(a) >= _userdata.MIN_SIZE:
+                large = True
+        else:
+            if not large:
+                return pickle.dumps((args, kwargs), protocol=5)
+            return _userdata.dumps((args, kwargs), pickle.dumps, snapshot=True)
     return _userdata.dumps((args, kwargs), cloudpickle.dumps, snapshot=True)
 
 
@@ -202,8 +212,11 @@ class SubmitQueue:
             ClusterClosedError: the queue is (or got) closed.
         """
         with self._lock:
-            if not self._closed and not self._full():  # the common case: room, no clock read
-                self._admit_locked()
+            # The common case: room (as _full() and _admit_locked(), inline: once per job).
+            if not self._closed and (self.limit is None or self._queued < self.limit
+                                     or threading.get_ident() == self._loop_ident):
+                self._queued += 1
+                self._submitted += 1
                 return
             end = None if timeout is None else time.monotonic() + timeout
             self._sleepers += 1

@@ -37,6 +37,7 @@ log = logging.getLogger("clusterpy.nodelink")
 
 PERMANENT = (AuthenticationError, VersionMismatchError)
 CHUNK = 1 << 20
+_DEPLOY_REPLIES = frozenset({m.FilesNeeded, m.ComputationReady, m.ComputationFailed})
 
 
 class DeploymentRefused(ClusterError):
@@ -226,9 +227,10 @@ class NodeLink:
         """Handle one message from the node (ProtocolError: it is malformed)."""
         self.last_heard = time.monotonic()
         msg = codec.decode(payload)
-        if isinstance(msg, (m.FilesNeeded, m.ComputationReady, m.ComputationFailed)) and self._on_deploy_reply(msg):
+        kind = type(msg)  # exactly a message class (the codec checks): no isinstance needed
+        if kind in _DEPLOY_REPLIES and self._on_deploy_reply(msg):
             return True
-        if isinstance(msg, m.Ping):
+        if kind is m.Ping:
             self.send(m.Pong(msg.sent))
             return True
         try:

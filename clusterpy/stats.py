@@ -153,6 +153,21 @@ class _NodeCounters:
     provisional_results: int = 0
 
 
+# A job's record inside the recorder: a list in JobStats' field order (made once per job, and
+# a list costs a tenth of a JobStats to make); job_list() turns the records into JobStats.
+_JOB_FIELDS = ("job_id", "status", "node_id", "submit_time", "start_time", "end_time", "runs", "verification",
+               "bytes_sent", "bytes_received", "files", "provisional_results")
+assert _JOB_FIELDS == tuple(f.name for f in fields(JobStats)), "the record layout must follow JobStats"
+(_STATUS, _NODE_ID, _START_TIME, _END_TIME, _RUNS, _VERIFICATION, _BYTES_RECEIVED, _FILES, _PROVISIONAL) = (
+    _JOB_FIELDS.index(name) for name in ("status", "node_id", "start_time", "end_time", "runs", "verification",
+                                         "bytes_received", "files", "provisional_results"))
+
+
+def _record(job: Any, nbytes: int) -> list[Any]:
+    """A new record of ``job`` (a ClusterJob) whose pickled arguments are ``nbytes`` long."""
+    return [str(job.id), "Created", None, job.submit_time, None, None, 0, None, nbytes, 0, 0, 0]
+
+
 class StatsRecorder:
     """Counters the client's event loop updates; cheap enough for every job (a few dict updates).
 
@@ -161,13 +176,14 @@ class StatsRecorder:
     or abandoned while queued), or at once for jobs the trust layer manages (:meth:`submitted`).
     A job waiting in the queue thus costs nothing here; :func:`collect` lists it from the
     runtime's own table (:meth:`job_list`). ``max_jobs`` bounds the records kept (the oldest
-    are dropped first, a tenth at a time; the totals stay exact).
+    are dropped first, a tenth at a time; the totals stay exact). ``jobs`` holds the records
+    as lists in :class:`JobStats`' field order (see :data:`_JOB_FIELDS`).
     """
 
     def __init__(self, max_jobs: int = 1_000_000) -> None:
         self.max_jobs = max_jobs
         self.nodes: dict[str, _NodeCounters] = {}
-        self.jobs: dict[str, JobStats] = {}
+        self.jobs: dict[str, list[Any]] = {}
         self.stops = 0
         self.started = time.monotonic()
 
@@ -177,13 +193,17 @@ class StatsRecorder:
             counters = self.nodes[node_id] = _NodeCounters()
         return counters
 
-    def _new(self, job: Any, nbytes: int) -> JobStats:
+    def _new(self, job: Any, nbytes: int) -> list[Any]:
         """Make the record of ``job`` (a ClusterJob) whose pickled arguments are ``nbytes`` long."""
         if len(self.jobs) >= self.max_jobs:
-            for old in list(self.jobs)[: max(1, self.max_jobs // 10)]:
-                del self.jobs[old]
-        record = self.jobs[job._key] = JobStats(str(job.id), submit_time=job.submit_time, bytes_sent=nbytes)
+            self._trim()
+        record = self.jobs[job._key] = _record(job, nbytes)
         return record
+
+    def _trim(self) -> None:
+        """Drop the oldest tenth of the job records (the totals stay exact)."""
+        for old in list(self.jobs)[: max(1, self.max_jobs // 10)]:
+            del self.jobs[old]
 
     def submitted(self, job: Any, nbytes: int) -> None:
         """Record ``job`` now (the trust layer's jobs: their verdict may come before any run)."""
@@ -192,7 +212,7 @@ class StatsRecorder:
 
     def dispatched(self, node_id: str, job: Any, nbytes: int, first: bool) -> None:
         """``job`` was sent to ``node_id`` (``first``: its first dispatch, which records it)."""
-        node = self._node(node_id)
+        node = self.nodes.get(node_id) or self._node(node_id)  # (once per job: no call when it exists)
         node.jobs_sent += 1
         node.bytes_sent += nbytes
         record = self.jobs.get(job._key)
@@ -200,37 +220,37 @@ class StatsRecorder:
             if not first:  # dropped under max_jobs meanwhile: not recorded again
                 return
             record = self._new(job, nbytes)
-        record.runs += 1
+        record[_RUNS] += 1
 
     def reported(self, node_id: str, key: str, nbytes: int, cpu_time: float, job_time: float) -> None:
-        node = self._node(node_id)
+        node = self.nodes.get(node_id) or self._node(node_id)
         node.jobs_done += 1
         node.cpu_time += cpu_time
         node.job_time += max(0.0, job_time)
         node.bytes_received += nbytes
-        job = self.jobs.get(key)
-        if job is not None:
-            job.bytes_received += nbytes
+        record = self.jobs.get(key)
+        if record is not None:
+            record[_BYTES_RECEIVED] += nbytes
 
     def provisional(self, node_id: str, key: str) -> None:
         self._node(node_id).provisional_results += 1
-        job = self.jobs.get(key)
-        if job is not None:
-            job.provisional_results += 1
+        record = self.jobs.get(key)
+        if record is not None:
+            record[_PROVISIONAL] += 1
 
     def file_received(self, node_id: str, key: str, nbytes: int) -> None:
         node = self._node(node_id)
         node.files_received += 1
         node.bytes_received += nbytes
-        job = self.jobs.get(key)
-        if job is not None:
-            job.files += 1
-            job.bytes_received += nbytes
+        record = self.jobs.get(key)
+        if record is not None:
+            record[_FILES] += 1
+            record[_BYTES_RECEIVED] += nbytes
 
     def verdict(self, key: str, verdict: str) -> None:
-        job = self.jobs.get(key)
-        if job is not None:
-            job.verification = verdict
+        record = self.jobs.get(key)
+        if record is not None:
+            record[_VERIFICATION] = verdict
 
     def finished(self, job: Any, unsent: int | None = None) -> None:
         """``job`` ended (its status, node and times are set). ``unsent``: for a job the
@@ -242,17 +262,18 @@ class StatsRecorder:
             if unsent is None:  # never submitted, or its record was dropped under max_jobs
                 return
             record = self._new(job, unsent)
-        record.status, record.node_id = job.status.value, job.node_id
-        record.start_time, record.end_time = job.start_time, job.end_time
+        # _value_ is the member's value (Enum's .value is a Python-level property: per job)
+        record[_STATUS], record[_NODE_ID] = job.status._value_, job.node_id
+        record[_START_TIME], record[_END_TIME] = job.start_time, job.end_time
 
     def job_list(self, held: Any) -> list[JobStats]:
-        """Copies of the job records, plus one for each job of ``held`` (the runtime's table,
+        """The job records as JobStats, plus one for each job of ``held`` (the runtime's table,
         ``key -> (job, args, timeout)``) that waits for its first dispatch, in submission order."""
         found: dict[str, JobStats] = {}
         for job, args, _timeout in held:
             if job._queued and job._key not in self.jobs and job._key not in found:
                 found[job._key] = JobStats(str(job.id), submit_time=job.submit_time, bytes_sent=_userdata.size(args))
-        pairs = [(key, JobStats(**asdict(record))) for key, record in self.jobs.items()]
+        pairs = [(key, JobStats(*record)) for key, record in self.jobs.items()]
         pairs.extend(found.items())
         # Keys count up as jobs are made (ClusterJob): records made at first dispatch and the
         # queued jobs fall back into submission order (a near-sorted run: a linear sort).

@@ -19,13 +19,15 @@ class FairQueue:
     def __init__(self) -> None:
         self._by_owner: dict[str, deque[str]] = {}
         self._turns: deque[str] = deque()  # owners with queued jobs, next to serve first
-        self._size = 0
+        #: Jobs queued (read-only for callers): what ``len()`` returns, without a method call
+        #: in the scheduler's per-job paths.
+        self.size = 0
 
     def __len__(self) -> int:
-        return self._size
+        return self.size
 
     def __bool__(self) -> bool:
-        return self._size > 0
+        return self.size > 0
 
     def __iter__(self) -> Iterator[str]:
         for owner in self._turns:
@@ -40,19 +42,23 @@ class FairQueue:
         return queue
 
     def append(self, job_id: str, owner: str) -> None:
-        self._queue_of(owner).append(job_id)
-        self._size += 1
+        queue = self._by_owner.get(owner)
+        if queue:  # the owner has jobs waiting (and its turn): once per job, no call
+            queue.append(job_id)
+        else:
+            self._queue_of(owner).append(job_id)
+        self.size += 1
 
     def appendleft(self, job_id: str, owner: str) -> None:
         """Put a job back at the head of its owner's queue (it was moved off a lost node)."""
         self._queue_of(owner).appendleft(job_id)
-        self._size += 1
+        self.size += 1
 
     def popleft(self) -> str:
         owner = self._turns.popleft()
         queue = self._by_owner[owner]
         job_id = queue.popleft()
-        self._size -= 1
+        self.size -= 1
         if queue:
             self._turns.append(owner)
         else:
@@ -62,7 +68,7 @@ class FairQueue:
     def remove(self, job_id: str, owner: str) -> None:
         queue = self._by_owner[owner]
         queue.remove(job_id)
-        self._size -= 1
+        self.size -= 1
         if not queue:
             del self._by_owner[owner]
             self._turns.remove(owner)

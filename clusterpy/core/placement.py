@@ -85,13 +85,17 @@ class SpeedModel:
         self._score.pop(node_id, None)
         self._per_node.pop(node_id, None)
 
-    def observe(self, node_id: str, duration: float) -> None:
+    def observe(self, node_id: str, duration: float) -> float | None:
+        """Learn from one job's ``duration`` on the node; return the node's typical duration
+        now (:meth:`observed`), or None if the observation was ignored (an unknown node, or
+        a duration that is not positive)."""
         if duration <= 0 or node_id not in self._score:
-            return
+            return None
         a = self.alpha
         self._overall = duration if self._overall is None else (1 - a) * self._overall + a * duration
         old = self._per_node.get(node_id)
-        self._per_node[node_id] = duration if old is None else (1 - a) * old + a * duration
+        typical = self._per_node[node_id] = duration if old is None else (1 - a) * old + a * duration
+        return typical
 
     def speed(self, node_id: str) -> float:
         score = self._score.get(node_id, 1.0)

@@ -80,6 +80,10 @@ class JobState(enum.Enum):
     ABANDONED = "abandoned"
 
 
+# Enum members read through their class cost ~100 ns each in Python 3.11 (EnumType has a
+# __getattr__ hook), ten times a module global: the per-job paths use these names.
+_QUEUED, _SENT, _RUNNING, _DONE = JobState.QUEUED, JobState.SENT, JobState.RUNNING, JobState.DONE
+
 # Added to the speed of a free node with an idle CPU: far above any speed score.
 _IDLE_FIRST = 1e12
 
@@ -268,6 +272,16 @@ class _Node:
     awaiting: int = 0  # jobs recalled for this node, not given back (or started) yet
 
 
+def _ahead_for(typical: float) -> int:
+    """Adaptive prefetch: jobs sent ahead per CPU to a node whose jobs typically take
+    ``typical`` seconds (more for short jobs, whose round trip is as long as several jobs)."""
+    if typical >= SHORT_JOB:  # the common cases first, without the division
+        return 1
+    if typical * (MAX_AHEAD - 1) < SHORT_JOB:
+        return MAX_AHEAD
+    return min(MAX_AHEAD, math.ceil(SHORT_JOB / typical))  # 2 .. MAX_AHEAD - 1 here
+
+
 def _has_jobs_behind_busy_cpus(node: _Node) -> bool:
     """Whether all of ``node``'s CPUs run jobs and more wait there: jobs work stealing may take."""
     return node.cpus <= node.running < len(node.inflight)
@@ -349,7 +363,9 @@ class SchedulerCore:
         if isinstance(event, JobSubmitted):
             return self._on_submitted(event)
         if isinstance(event, JobReported):
-            return self._on_reported(event)
+            delivered, actions = self.report(event.node_id, event.job_id, event.attempt, event.worker_died,
+                                             event.duration)
+            return [DeliverResult(event.job_id, event.attempt), *actions] if delivered else actions
         if isinstance(event, JobsStarted):
             return self._on_started(event)
         if isinstance(event, NodeJoined):
@@ -365,6 +381,28 @@ class SchedulerCore:
         if isinstance(event, JobsRecalled):
             return self._on_recalled(event)
         raise TypeError(f"not a scheduler event: {event!r}")
+
+    # The two events of every job have entry points of their own, taking the event's fields
+    # (handle() forwards those events to them): a shell that submits and reports thousands
+    # of short jobs a second builds no event object per job just to have it unpacked here.
+
+    def submit(self, job_id: str) -> list[Action]:
+        """``handle(JobSubmitted(job_id))``: a plain job (not pinned, no group or exclusion,
+        the core's default reentrancy), the common case of a client.
+
+        Raises:
+            ValueError: ``job_id`` was already submitted (and has not ended).
+        """
+        jobs = self._jobs
+        if job_id in jobs:
+            raise ValueError(f"job {job_id!r} was already submitted")
+        jobs[job_id] = _Job(job_id, None, self.reentrant)
+        queue = self._queue
+        waiting = queue.size
+        queue.append(job_id, "")
+        if waiting and not self._constrained:
+            return []  # jobs already waited, none constrained: no node has room (see validate)
+        return self._place_queued() if self._free else []
 
     def _on_submitted(self, ev: JobSubmitted) -> list[Action]:
         if ev.job_id in self._jobs:
@@ -412,18 +450,23 @@ class SchedulerCore:
             ids += ring[: self.STEAL_SCAN - len(ids)]
         return [self._nodes[n] for n in ids]
 
-    def _on_reported(self, ev: JobReported) -> list[Action]:
-        job = self._jobs.get(ev.job_id)
-        if job is None or job.attempt != ev.attempt or job.node_id != ev.node_id:
-            return []  # a late report of an attempt we already moved or resolved: discard
-        if job.state not in (JobState.SENT, JobState.RUNNING):
-            return []
-        node = self._nodes.get(ev.node_id)
-        if ev.duration is not None and node is not None:
-            self.speeds.observe(node.node_id, ev.duration)
-            if self.prefetch is None and not node.distrusted:
-                node.limit = self._limit_for(node)
-        if ev.worker_died and not job.cancel_requested:
+    def report(self, node_id: str, job_id: str, attempt: int, worker_died: bool = False,
+               duration: float | None = None) -> tuple[bool, list[Action]]:
+        """``handle(JobReported(...))`` with the event's fields: returns whether the report is
+        for the job's current attempt, whose outcome the caller delivers (the
+        :class:`DeliverResult` that ``handle`` puts first), and the other actions."""
+        job = self._jobs.get(job_id)
+        if job is None or job.attempt != attempt or job.node_id != node_id:
+            return False, []  # a late report of an attempt we already moved or resolved: discard
+        state = job.state
+        if state is not _SENT and state is not _RUNNING:
+            return False, []
+        node = self._nodes.get(node_id)
+        if duration is not None and node is not None:
+            typical = self.speeds.observe(node_id, duration)
+            if self.prefetch is None and not node.distrusted and typical is not None:
+                node.limit = node.cpus * (1 + _ahead_for(typical))
+        if worker_died and not job.cancel_requested:
             job.failures += 1
             if job.reentrant and job.pinned is None and job.failures < self.allowed_failures:
                 self._move(job, JobState.QUEUED)
@@ -434,14 +477,15 @@ class SchedulerCore:
                 retried = self._place_queued()
                 if node is not None:
                     retried.extend(self._fill(node))
-                return retried
-        self._finish(job, JobState.DONE)
-        actions: list[Action] = [DeliverResult(job.job_id, ev.attempt)]
-        if node is not None:
-            node.jobs_done += 1
-            actions.extend(self._fill(node))
+                return False, retried
+        self._finish(job, _DONE)
+        if node is None:
+            return True, []
+        node.jobs_done += 1
+        actions = self._fill(node)
+        if self.steal and not self._queue.size and len(self._ring) > 1:  # see _steal_for
             actions.extend(self._steal_for(node))
-        return actions
+        return True, actions
 
     def _on_node_joined(self, ev: NodeJoined) -> list[Action]:
         if ev.node_id in self._nodes:
@@ -603,10 +647,10 @@ class SchedulerCore:
         if state not in _TRANSITIONS[old]:
             raise RuntimeError(f"job {job.job_id}: illegal transition {old.value} -> {state.value}")
         job.state = state
-        if old is JobState.RUNNING or state is JobState.RUNNING:
+        if old is _RUNNING or state is _RUNNING:
             node = self._nodes.get(job.node_id or "")
             if node is not None:
-                node.running += 1 if state is JobState.RUNNING else -1
+                node.running += 1 if state is _RUNNING else -1
         if job.recalled_by is not None:  # it left SENT: the recall is over, whatever its answer
             thief = self._nodes.get(job.recalled_by)
             if thief is not None:
@@ -615,8 +659,10 @@ class SchedulerCore:
 
     def _finish(self, job: _Job, state: JobState) -> None:
         self._move(job, state)
-        if job.node_id is not None and job.node_id in self._nodes:
-            self._nodes[job.node_id].inflight.pop(job.job_id, None)
+        if job.node_id is not None:
+            node = self._nodes.get(job.node_id)
+            if node is not None:
+                node.inflight.pop(job.job_id, None)
         if job.group is not None:
             left = self._group_size[job.group] - 1
             if left:
@@ -630,7 +676,8 @@ class SchedulerCore:
         """Hand queued jobs to free nodes, fastest first, until the queue or the room runs out."""
         actions: list[Action] = []
         passed_over: list[str] = []  # free nodes that can run none of the queued jobs
-        while self._queue and self._free:
+        queue = self._queue
+        while queue.size and self._free:
             node = self._nodes[self._free.pop()]
             # Idle CPUs rank first (see _rank): fill those, and prefetch only after every
             # idle CPU got a job, so a few jobs spread over the nodes instead of queueing on one.
@@ -651,7 +698,7 @@ class SchedulerCore:
         ahead = self.prefetch
         if ahead is None:
             typical = self.speeds.observed(node.node_id)
-            ahead = 1 if typical is None else min(MAX_AHEAD, max(1, math.ceil(SHORT_JOB / max(typical, 1e-9))))
+            ahead = 1 if typical is None else _ahead_for(typical)
         return node.cpus * (1 + max(0, ahead))
 
     def _rank(self, node: _Node) -> float:
@@ -665,27 +712,30 @@ class SchedulerCore:
         batch: list[tuple[str, int]] = []
         skipped: list[_Job] = []
         limit = node.limit if cap is None else min(cap, node.limit)
-        while len(node.inflight) < limit:
+        inflight, queue = node.inflight, self._queue
+        while len(inflight) < limit:
             if node.pinned_queue:
                 job = self._jobs[node.pinned_queue.popleft()]
-            elif self._queue and len(skipped) < self.SCAN:
-                job = self._jobs[self._queue.popleft()]
-                self._constrained -= self._is_constrained(job)
-                if not self._may_run(job, node):
-                    skipped.append(job)
-                    continue
+            elif queue.size and len(skipped) < self.SCAN:
+                job = self._jobs[queue.popleft()]
+                if self._constrained:  # else no queued job has an exclusion or a group
+                    self._constrained -= self._is_constrained(job)
+                    if not self._may_run(job, node):
+                        skipped.append(job)
+                        continue
             else:
                 break
             job.attempt += 1
             job.node_id = node.node_id
-            self._move(job, JobState.SENT)
-            node.inflight[job.job_id] = None
+            self._move(job, _SENT)
+            inflight[job.job_id] = None
             if job.group is not None:
                 self._group_nodes.setdefault(job.group, set()).add(node.node_id)
             batch.append((job.job_id, job.attempt))
-        for job in reversed(skipped):
-            self._enqueue(job, front=True)
-        if keep_free and len(node.inflight) < node.limit:
+        if skipped:
+            for job in reversed(skipped):
+                self._enqueue(job, front=True)
+        if keep_free and len(inflight) < node.limit:
             self._free.add(node.node_id, self._rank(node))
         else:
             self._free.discard(node.node_id)

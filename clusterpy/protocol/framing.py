@@ -200,8 +200,16 @@ class FrameDecoder:
         """
         if self._error is not None:
             raise self._error
-        frames: list[bytes | bytearray] = []
         buf = self._buf
+        if self._want is None and not buf:
+            # Fast path: the chunk is exactly one small frame (a reply read at once, the usual
+            # case on a quiet connection or pipe): the same body the loop below would cut.
+            end = len(data)
+            if end >= HEADER_SIZE:
+                (length,) = _HEADER.unpack_from(data, 0)
+                if length + HEADER_SIZE == end and length < DIRECT_BODY and length <= self._max_frame:
+                    return [bytes(data[HEADER_SIZE:])]
+        frames: list[bytes | bytearray] = []
         with memoryview(data) as view:
             pos = 0
             end = len(view)

@@ -25,7 +25,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["MARK", "MIN_SIZE", "Part", "dumps", "wrap", "split", "load", "is_out_of_band", "payload_size"]
+__all__ = ["MARK", "MIN_SIZE", "Part", "dumps", "assemble", "wrap", "split", "load", "is_out_of_band", "payload_size"]
 
 #: First byte of an out-of-band payload (a pickle's first byte is 0x80).
 MARK = 0x01
@@ -62,17 +62,26 @@ def dumps(obj: object, pickler: type[pickle.Pickler] = pickle.Pickler) -> list[P
     pickler(out, protocol=5, buffer_callback=buffers.append).dump(obj)
     if not buffers:
         return [out.getvalue()]
+    return assemble(out.getvalue(), buffers)
+
+
+def assemble(data: bytes, buffers: list[pickle.PickleBuffer]) -> list[Part]:
+    """The parts of the out-of-band payload of the pickle ``data`` and the (non-empty list
+    of) buffers its pickler handed out, in order."""
     views = [buffer.raw() for buffer in buffers]
     header = _MARK_BYTE + _COUNT.pack(len(views)) + b"".join([_LENGTH.pack(view.nbytes) for view in views])
-    return [header + out.getvalue(), *views]
+    return [header + data, *views]
 
 
 def payload_size(payload: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]) -> int:
     """Bytes in ``payload``: one buffer, or the buffers that together are the payload."""
-    if isinstance(payload, (bytes, bytearray)):
+    kind = type(payload)
+    if kind is bytes or kind is bytearray:  # the common cases first, without isinstance
         return len(payload)
     if isinstance(payload, memoryview):
         return payload.nbytes
+    if isinstance(payload, (bytes, bytearray)):
+        return len(payload)
     return sum(part.nbytes if type(part) is memoryview else len(part) for part in payload)
 
 

@@ -81,6 +81,9 @@ class Connection:
         self._flush_scheduled = False
         self._flush_handle: asyncio.Handle | None = None
         self._before_flush: list[Callable[[], None]] = []
+        # While _deliver hands a read's payloads to the handler, the sends they cause are
+        # written when it is done (no loop iteration of their own): see _deliver.
+        self._delivering = False
         self._protocol = Receiver(decoder, self._loop)
         # Large parts go to the transport in pieces as it drains (see transport.pacing).
         self._writer = PacedWriter(self._transport, lambda: self._protocol.write_paused)
@@ -158,14 +161,17 @@ class Connection:
             self._transport.close()
         return error
 
-    def send(self, payload: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]) -> None:
+    def send(self, payload: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview], *,
+             now: bool = False) -> None:
         """Seal and queue ``payload`` (no await; call :meth:`drain` for back-pressure): one
         buffer, or the list of buffers that together are the payload (as
         :func:`~clusterpy.protocol.codec.encode_parts` makes; they are not joined).
 
         Frames queued in one turn of the event loop are written together at its end (or at
         once when they add up to 64 KiB, or on close()); ``payload`` must not be mutated
-        until then.
+        until then. Frames sent while handling the payloads of one read (eager delivery)
+        are written once they are all handled. ``now``: write this frame, and those queued
+        before it, at once (as :meth:`flush`).
 
         Raises:
             ConnectionClosedError: the connection is closed or broken.
@@ -174,18 +180,22 @@ class Connection:
         self._check_open()
         if self._transport.is_closing():
             raise self._broken(ConnectionClosedError(f"{self._label} closed the connection"))
-        size = payload_size(payload) + OVERHEAD
+        if type(payload) is list and len(payload) == 1:  # a small message as encode_parts makes it
+            payload = payload[0]
+        size = (len(payload) if type(payload) is bytes else payload_size(payload)) + OVERHEAD
         if size > self._decoder.max_frame:
             raise ValueError(
                 f"payload of {size - OVERHEAD} bytes exceeds the frame cap of "
                 f"{self._decoder.max_frame} bytes"
             )
-        self._schedule_flush()
+        sealed = self._cipher.seal_parts(payload)  # first: if it raises, nothing half-queued
         self._corked.append(frame_header(size))
-        self._corked.extend(self._cipher.seal_parts(payload))
+        self._corked.extend(sealed)
         self._corked_bytes += size
-        if self._corked_bytes >= _CORK_BYTES:
-            self._flush()
+        if now or self._corked_bytes >= _CORK_BYTES:
+            self.flush()
+        else:
+            self._schedule_flush()
 
     def before_flush(self, produce: Callable[[], None]) -> None:
         """Call ``produce`` (once) just before the queued frames are next written, so messages
@@ -197,32 +207,39 @@ class Connection:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._flush_handle = self._loop.call_soon(self._flush)
+            if not self._delivering:  # else _deliver flushes when it is done
+                self._flush_handle = self._loop.call_soon(self._flush)
 
     def flush(self) -> None:
         """Write what is queued now instead of at the end of this loop turn: for a caller that
         knows its batch is complete and waits for the answer (a round trip's latency)."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
+            self._flush_handle = None
         self._flush()
 
     def _flush(self) -> None:
         """Hand the queued frames to the transport: small parts joined into one write, large
         ones (a big payload) written as they are, so they are not copied into a join."""
+        self._flush_handle = None  # running now (or cancelled by flush(), or left to find nothing)
         # The hooks' sends join this flush: the flag stays set while they run, so they do not
         # schedule another (empty) one, a loop iteration per batch.
+        self._flush_scheduled = True
         while self._before_flush:
             hooks, self._before_flush = self._before_flush, []
             for produce in hooks:
                 produce()
         self._flush_scheduled = False
-        self._flush_handle = None
         if not self._corked:
             return
-        parts, self._corked, self._corked_bytes = self._corked, [], 0
+        parts, corked_bytes = self._corked, self._corked_bytes
+        self._corked, self._corked_bytes = [], 0
         if self._error is not None or self._transport.is_closing():
             return
         write = self._writer.write
+        if corked_bytes < _CORK_BYTES:  # the common case: small frames only, one write
+            write(b"".join(parts))
+            return
         small: list[bytes | bytearray | memoryview] = []
         for part in parts:
             if len(part) < _CORK_BYTES:
@@ -278,21 +295,30 @@ class Connection:
                 or self._closed or self._error is not None):
             proto._wake()
             return
-        while proto.frames and not self._opened:
-            body = proto.take()
-            try:
-                payload = self._cipher.open(body)
-                if not handler(payload):
-                    self._opened.append(payload)
-            except ClusterError as exc:
-                self._eager_error = self._broken(exc)
-                break
-            except Exception as exc:
-                _log.exception("handling a message from %s failed", self._label)
-                self._eager_error = self._broken(ProtocolError(f"handling a message failed: {exc!r}"))
-                break
-            if self._closed or self._error is not None:
-                break
+        # What the handler sends is written once this read's payloads are all handled: the
+        # answers to a read leave in one write, without a loop iteration of their own.
+        self._delivering = True
+        frames = proto.frames
+        try:
+            while frames and not self._opened:
+                body = proto.take()
+                try:
+                    payload = self._cipher.open(body)
+                    if not handler(payload):
+                        self._opened.append(payload)
+                except ClusterError as exc:
+                    self._eager_error = self._broken(exc)
+                    break
+                except Exception as exc:
+                    _log.exception("handling a message from %s failed", self._label)
+                    self._eager_error = self._broken(ProtocolError(f"handling a message failed: {exc!r}"))
+                    break
+                if self._closed or self._error is not None:
+                    break
+        finally:
+            self._delivering = False
+            if self._flush_scheduled and self._flush_handle is None:
+                self._flush()
         if proto.frames or self._opened or self._eager_error is not None:
             proto._wake()
 

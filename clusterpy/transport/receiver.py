@@ -59,7 +59,7 @@ class Receiver(asyncio.BufferedProtocol):
             return
         if bodies:
             self.frames.extend(bodies)
-            self.queued += sum(len(b) for b in bodies)
+            self.queued += sum(map(len, bodies))
             if self.queued > _QUEUED_BYTES:
                 self._pause_reading()
             if self.on_frames is not None:
