@@ -177,16 +177,10 @@ class _Runtime:
         self.scatter = ScatterState(self)  # scattered objects and their transfers (clusterpy.scatter)
         self.history = JobHistory()  # counts, throughput, latest failures: fed while a monitor runs
         self.monitor: Any = None  # clusterpy.monitor.MonitorServer when monitor= is given
-        # Whether the cluster overrides the _job_started hook (clusterpy.compat.dispy): only
-        # then must a job reported by its end alone be shown as started first (_on_done).
-        from .client import JobCluster  # imported by now (it imports this module)
-
-        self.started_hook = getattr(type(cluster), "_job_started", None) is not JobCluster._job_started
-        # Whether a job's end must be told to the cluster's _job_done: JobCluster's does
-        # something only with a callback (its thread pool is made at construction), a
-        # subclass's (dispy's notifications, a shared cluster's) always may.
-        self.done_hook = (getattr(cluster, "_callbacks", None) is not None
-                          or getattr(type(cluster), "_job_done", None) is not JobCluster._job_done)
+        # Whether the cluster's _job_started and _job_done hooks can do anything (the cluster
+        # decides: JobCluster._make_runtime); until then, call them.
+        self.started_hook = True  # a job reported by its end alone is shown started first (_on_done)
+        self.done_hook = True
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)

@@ -303,7 +303,14 @@ class JobCluster:
             item[0]._end(JobStatus.Cancelled, exc=ClusterClosedError("the cluster closed before the job could run"))
 
     def _make_runtime(self) -> _Runtime:
-        return _Runtime(self)
+        rt = _Runtime(self)
+        # The runtime skips, per job, the hooks that would do nothing: _job_started unless a
+        # subclass overrides it (dispy's job_status), _job_done unless there is a callback
+        # (its thread pool is made before this) or an override (dispy, a shared cluster).
+        cls = type(self)
+        rt.started_hook = cls._job_started is not JobCluster._job_started
+        rt.done_hook = self._callbacks is not None or cls._job_done is not JobCluster._job_done
+        return rt
 
     def _make_trust(self, rt: _Runtime) -> Any:
         if self._trust_options is None:
