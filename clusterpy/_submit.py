@@ -212,11 +212,8 @@ class SubmitQueue:
             ClusterClosedError: the queue is (or got) closed.
         """
         with self._lock:
-            # The common case: room (as _full() and _admit_locked(), inline: once per job).
-            if not self._closed and (self.limit is None or self._queued < self.limit
-                                     or threading.get_ident() == self._loop_ident):
-                self._queued += 1
-                self._submitted += 1
+            if not self._closed and not self._full():  # the common case: room, no clock read
+                self._admit_locked()
                 return
             end = None if timeout is None else time.monotonic() + timeout
             self._sleepers += 1

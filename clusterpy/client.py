@@ -356,11 +356,7 @@ class JobCluster:
             ClusterClosedError: the cluster is closed (also to a submit blocked when it closes).
             QueueFullError: ``submit_timeout`` passed with no room.
         """
-        # submit_job with its defaults, without its keyword handling (the per-job path)
-        if self._closed:
-            raise closed_error()
-        self._queue.admit(self.submit_timeout)
-        return self._submit_admitted(args, kwargs)
+        return self.submit_job(args, kwargs)
 
     def submit_node(self, node: str, *args: Any, **kwargs: Any) -> ClusterJob:
         """Submit a job to run on one node (address, host name or node id); abandoned if that node is unknown or lost."""

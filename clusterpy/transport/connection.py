@@ -182,7 +182,7 @@ class Connection:
             raise self._broken(ConnectionClosedError(f"{self._label} closed the connection"))
         if type(payload) is list and len(payload) == 1:  # a small message as encode_parts makes it
             payload = payload[0]
-        size = (len(payload) if type(payload) is bytes else payload_size(payload)) + OVERHEAD
+        size = payload_size(payload) + OVERHEAD
         if size > self._decoder.max_frame:
             raise ValueError(
                 f"payload of {size - OVERHEAD} bytes exceeds the frame cap of "
