@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
+from collections import deque
 from typing import Any
 
 from .protocol import outofband
@@ -96,9 +98,13 @@ class ChannelReader:
         self.fd = fd
         self._pending = bytearray()
         self._scratch = memoryview(bytearray(_READ_CHUNK))
+        self._ready: deque[Any] = deque()  # messages decoded ahead by take_skip()
+        self._poll: select.poll | None = None
 
     def receive(self) -> Any:
         """Return the next message (unpickled), or None at end of file (also mid-frame)."""
+        if self._ready:
+            return self._ready.popleft()
         pending = self._pending
         if not pending:
             # The usual case: the pool sends a command and waits for the reply, so the read
@@ -143,6 +149,28 @@ class ChannelReader:
         if n:
             self._pending += self._scratch[:n]
         return n > 0
+
+    def take_skip(self, job_id: str) -> bool:
+        """Whether the pool has asked, by a ``("skip", job_id)`` frame already written, that a
+        job sent ahead not be run. Reads what the pipe holds without waiting for more; the
+        other complete messages it finds come from :meth:`receive` next, in order."""
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self.fd, select.POLLIN)
+        if self._poll.poll(0) and not self._fill():
+            return False  # end of file: receive() says so next
+        pending, found = self._pending, False
+        while len(pending) >= HEADER_SIZE:
+            end = HEADER_SIZE + int.from_bytes(pending[:HEADER_SIZE], "big")
+            if len(pending) < end:
+                break  # a frame still arriving (a large one): receive() reads the rest
+            message = loads(pending[HEADER_SIZE:end])
+            del pending[:end]
+            if not found and type(message) is tuple and message == ("skip", job_id):
+                found = True
+            else:
+                self._ready.append(message)
+        return found
 
 
 def write_all(fd: int, data: bytes | memoryview | list[Part]) -> None:

@@ -98,6 +98,9 @@ class _Worker:
         # and the pipe's flow control.
         self.writer: PacedWriter | None = None
         self.write_paused = False
+        # A job written to the worker while ``pending``'s ran, to start as soon as that one
+        # ends (WorkerPool.try_queue): its reply slot, waiting for its turn.
+        self.behind: _QueuedHook | None = None
 
     def __repr__(self) -> str:
         return f"<worker {self.pid} job={self.job_id}>"
@@ -255,6 +258,9 @@ class _Worker:
         assert self.transport is not None
         if self.returncode is None:
             self.returncode = self.transport.get_returncode()
+        behind, self.behind = self.behind, None
+        if behind is not None:  # it never started: it runs elsewhere
+            self.pool._give_back(behind)
         future, self.pending = self.pending, None
         if future is not None and not future.done():
             future.set_exception(_WorkerGone(self.returncode))
@@ -321,6 +327,25 @@ class _ReplyHook:
             pool._start_task(pool._reply_lost(self, returncode))
         else:  # closing: no task may outlive aclose(), and its capture files go with it
             pool._end_lost(self, pool._lost_fields(self.worker, self.job, self.start, returncode, b"", b""))
+
+
+class _QueuedHook(_ReplyHook):
+    """The reply slot of a job started by :meth:`WorkerPool.try_queue`: written to a busy
+    worker, it waits in ``_Worker.behind`` until the job before it ends, then takes its
+    place in ``_Worker.pending`` (``on_start`` is called then). ``on_give_back`` is called
+    instead if the worker exits before the job's turn (it never ran); ``skip_sent`` once the
+    pool asked the worker not to run it."""
+
+    __slots__ = ("on_start", "on_give_back", "on_message", "skip_sent")
+
+    def __init__(self, pool: WorkerPool, worker: _Worker, job: WorkerJob, on_done: Callable[[JobOutcome], None],
+                 on_start: Callable[[], None], on_give_back: Callable[[], None],
+                 on_message: Callable[[JobMessage], None] | None) -> None:
+        super().__init__(pool, worker, job, 0.0, on_done)
+        self.on_start = on_start
+        self.on_give_back = on_give_back
+        self.on_message = on_message
+        self.skip_sent = False
 
 
 class _WorkerProtocol(asyncio.SubprocessProtocol):

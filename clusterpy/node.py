@@ -10,6 +10,9 @@ Data flow inside one node::
                    callback that reads a worker's reply frees the slot, hands the worker the
                    next queued job and queues the JobDone, all in one loop turn; WorkerPool.run
                    in a task only when the job must wait for a worker or a computation load)
+                -> WorkerPool.try_queue when every slot is taken: the head of the queue is
+                   written to a worker running a short job of its computation, to start the
+                   moment that one ends (the worker does not wait for the node in between)
                 -> JobDone to the owning client (the Connection writes a turn's reports
                    together), or kept on disk while that client is away (crash recovery, partitions)
             CancelJob / timeout -> WorkerPool.terminate
@@ -320,7 +323,7 @@ class NodeServer:
         info = self.info()
         return m.StatusReply(
             sent, self.node_id, info["hostname"], __version__, self.cpus, running, self.cpus - self._slots,
-            len(self._run_queue), self.jobs_done, len(self._sessions), (load[0], load[1], load[2]),
+            len(self._run_queue) + self.pool.queued, self.jobs_done, len(self._sessions), (load[0], load[1], load[2]),
             time.time() - self.started_at,
         )
 
@@ -366,7 +369,7 @@ class NodeServer:
             comp.owner = None
         for job in list(comp.jobs.values()):
             await self.cancel(job)
-        running = [self._ending(j) for j in comp.jobs.values() if j.started and not j.done]
+        running = [self._ending(j) for j in comp.jobs.values() if (j.started or j.behind) and not j.done]
         if running:
             await asyncio.gather(*running, return_exceptions=True)
         for incoming in comp.incoming.values():
@@ -395,6 +398,8 @@ class NodeServer:
             # and the head leaves, only where _pump runs next), and nothing may pass it:
             # pumping now would start nothing.
             self._run_queue.append(job)
+            if self.pool.can_queue(job.comp.comp_id):
+                self._queue_behind()
             return
         self._slots -= job.cpus
         self._start(job)
@@ -403,17 +408,64 @@ class NodeServer:
         """Start the queued jobs whose slots are free, in order. Strict FIFO: a job that needs
         more free CPUs than there are waits at the head, so a stream of 1-CPU jobs cannot
         starve it. Called whenever slots are freed or the head of the queue leaves it."""
+        while (job := self._head()) is not None:
+            if job.cpus > self._slots:
+                if self.pool.can_queue(job.comp.comp_id):
+                    self._queue_behind()
+                break
+            self._run_queue.popleft()
+            self._slots -= job.cpus
+            self._start(job)
+
+    def _head(self) -> QueuedJob | None:
+        """The first job in the queue that was not cancelled (the cancelled ones leave it)."""
         queue = self._run_queue
         while queue:
             job = queue[0]
-            if job.cancelled:
-                queue.popleft()
-                continue
-            if job.cpus > self._slots:
-                break
+            if not job.cancelled:
+                return job
             queue.popleft()
-            self._slots -= job.cpus
-            self._start(job)
+        return None
+
+    def _queue_behind(self) -> None:
+        """Write the jobs at the head of the queue to busy workers, each to start the moment
+        the short job before it ends (WorkerPool.try_queue), so that a stream of short jobs
+        does not leave a worker waiting for this process between two of them. Only 1-CPU
+        jobs without a timeout (a timeout runs from the start), in queue order."""
+        while (job := self._head()) is not None:
+            req = job.request
+            if job.cpus != 1 or (req.timeout is not None and req.timeout > 0) or not self._try_queue(job):
+                return
+            self._run_queue.popleft()
+            job.behind = True
+
+    def _try_queue(self, job: QueuedJob) -> bool:
+        return self.pool.try_queue(WorkerJob(job.key, job.comp.comp_id, job.request.args),
+                                   lambda outcome: self._ended(job, outcome), lambda: self._turn_came(job),
+                                   lambda: self._given_back(job), on_message=lambda msg: self._job_message(job, msg))
+
+    def _turn_came(self, job: QueuedJob) -> None:
+        """A job queued behind another on a worker starts: it takes the slot that one frees."""
+        job.behind = False
+        job.started = True
+        self._slots -= job.cpus
+        if job.comp.owner is not None:
+            job.comp.owner.started(job)
+
+    def _given_back(self, job: QueuedJob) -> None:
+        """A job queued behind another on a worker never ran there (the worker exited): it is
+        queued first again, or, if cancelled meanwhile, reported so."""
+        job.behind = False
+        if job.cancelled:
+            job.done = True
+            if job.ended is not None and not job.ended.done():
+                job.ended.set_result(None)
+            now = time.time()
+            self._report(job, JobOutcome(
+                job.key, "cancelled", None, None, None, None, None, b"", b"", now, now, 0.0, None))
+        elif not self._closed.is_set():
+            self._run_queue.appendleft(job)
+            self._pump()
 
     def _start(self, job: QueuedJob) -> None:
         """Give ``job`` to a worker: at once if one is ready for it (no task: its end is handled
@@ -493,7 +545,7 @@ class NodeServer:
     async def cancel(self, job: QueuedJob) -> None:
         """Cancel a queued job at once, or terminate the worker running it."""
         job.cancelled = True
-        if not job.started:
+        if not job.started and not job.behind:
             self._dequeue(job)
             now = time.time()
             self._report(job, JobOutcome(

@@ -75,6 +75,7 @@ class QueuedJob:
     cancelled: bool = False
     timed_out: bool = False
     started: bool = False
+    behind: bool = False  # written to a busy worker, to start when its job ends (WorkerPool.try_queue)
     done: bool = False
     cpus: int = 0  # the CPU slots it takes (set when it is queued), held while it runs
     # Only for a job that had to wait for a worker (WorkerPool.run): most run without a task.

@@ -22,6 +22,14 @@ Data flow::
         future: the callback that reads the reply releases the worker and calls on_done at
         once, which can hand that worker its next job in the same loop turn.
 
+    try_queue(job, on_done, on_start, on_give_back) ── a stream of short jobs: the job is
+        written ("next") to a worker running a short job of its computation (QUICK_JOB), at
+        most one behind each; the worker starts it the moment the one before ends, without
+        waiting for the node's answer to that one's reply. Its _QueuedHook waits in
+        _Worker.behind and takes over _Worker.pending then (on_start). terminate() asks the
+        worker to skip it ("skip" -> "skipped": ends "cancelled"); a worker that exits first
+        gives it back (on_give_back: it never ran).
+
     process exits ──▶ _WorkerProtocol.connection_lost ──▶ _Worker._finish():
         the outstanding call fails with _WorkerGone → run() returns a "died" (or
         "terminated") outcome with the exit code and the output collected so far, and
@@ -54,7 +62,7 @@ from typing import Any
 from ._capture import collect_output, output_base, remove_output
 from . import _userdata
 from ._channel import pipe_size_for
-from ._poolworker import EXIT_FLUSH_DELAY, _ReplyHook, _Worker, _WorkerGone, _WorkerProtocol, _describe_exit
+from ._poolworker import EXIT_FLUSH_DELAY, _QueuedHook, _ReplyHook, _Worker, _WorkerGone, _WorkerProtocol, _describe_exit
 from ._workjob import ComputationSpec, JobMessage, JobOutcome, WorkerJob, outcome_from_reply
 from .errors import ClusterClosedError, ClusterError, ConfigurationError
 
@@ -70,6 +78,11 @@ CLOSE_GRACE = 2.0
 _DEFAULT_MAX_SEND_FILE = 64 * 1024 * 1024
 #: Delays before each attempt to start a replacement worker; then the pool is broken.
 RESPAWN_DELAYS = (0.0, 0.2, 1.0)
+#: try_queue() writes a job behind another only if that one has run for less than this many
+#: seconds, and the last QUICK_STREAK jobs of its computation each took less: a job queued
+#: behind a slow one would wait for it while another worker may be free.
+QUICK_JOB = 0.002
+QUICK_STREAK = 8
 
 class WorkerPool:
     """``cpus`` persistent worker processes running the jobs of loaded computations.
@@ -95,6 +108,12 @@ class WorkerPool:
         self._idle: list[_Worker] = []
         self._waiters: deque[asyncio.Future[_Worker]] = deque()
         self._running: dict[str, _Worker] = {}  # job_id -> worker
+        # Jobs written behind a running one (try_queue) -> their worker; and the workers that
+        # could take one (running a try_run job with nothing behind it), oldest job first.
+        self._behind: dict[str, _Worker] = {}
+        self._queueable: dict[_Worker, None] = {}
+        # comp_id -> how many of its last jobs in a row took under QUICK_JOB.
+        self._quick: dict[str, int] = {}
         # Jobs whose run() waits for a worker (one is being replaced), and those of them that
         # terminate() stopped before they got one: they end "terminated" without running.
         self._acquiring: set[str] = set()
@@ -110,6 +129,11 @@ class WorkerPool:
     def busy(self) -> int:
         """Workers running a job now (loading its computation included)."""
         return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        """Jobs written to a busy worker, waiting there for the job before them to end."""
+        return len(self._behind)
 
     @property
     def pids(self) -> list[int]:
@@ -224,6 +248,7 @@ class WorkerPool:
         if self._specs.pop(comp_id, None) is None:
             return
         self._specs_version += 1
+        self._quick.pop(comp_id, None)
         idle = [w for w in self._idle if comp_id in w.loaded]
         for worker in idle:
             self._idle.remove(worker)
@@ -300,7 +325,9 @@ class WorkerPool:
         finally:
             self._unmark(worker, job.job_id)
         self._release(worker)
-        return outcome_from_reply(reply[1])
+        outcome = outcome_from_reply(reply[1])
+        self._timed(job.comp_id, outcome)
+        return outcome
 
     def try_run(self, job: WorkerJob, on_done: Callable[[JobOutcome], None], *,
                 on_message: Callable[[JobMessage], None] | None = None) -> bool:
@@ -329,6 +356,46 @@ class WorkerPool:
         self._mark(worker, job, on_message)
         worker._write(self._run_message(worker, job), _userdata.size(job.args))
         worker.pending = _ReplyHook(self, worker, job, time.time(), on_done)  # type: ignore[assignment]
+        self._queueable[worker] = None
+        return True
+
+    def can_queue(self, comp_id: str) -> bool:
+        """Whether :meth:`try_queue` may take a job of ``comp_id`` now (a cheap first look)."""
+        return bool(self._queueable) and self._quick.get(comp_id, 0) >= QUICK_STREAK
+
+    def try_queue(self, job: WorkerJob, on_done: Callable[[JobOutcome], None], on_start: Callable[[], None],
+                  on_give_back: Callable[[], None], *,
+                  on_message: Callable[[JobMessage], None] | None = None) -> bool:
+        """Write ``job`` to a worker that runs a short job of the same computation (started by
+        :meth:`try_run` or by this), so that it starts there the moment that one ends, without
+        waiting for the node in between; return False, having done nothing, if no worker can
+        take it (see :data:`QUICK_JOB`: only behind jobs that are surely short, at most one).
+
+        ``on_start()`` is called when its turn comes (it runs from then on, as if started by
+        try_run); ``on_done(outcome)`` as for try_run, after it. If its worker exits before
+        its turn, ``on_give_back()`` is called instead and nothing else: it never ran, and the
+        caller runs it elsewhere. :meth:`terminate` asks the worker to skip a job still
+        waiting (it then ends "cancelled", or, if it had started, as it ended).
+        """
+        queueable = self._queueable
+        if not queueable or self._state != "open" or job.job_id in self._running or job.job_id in self._behind:
+            return False
+        spec = self._specs.get(job.comp_id)
+        if spec is None or self._quick.get(job.comp_id, 0) < QUICK_STREAK:
+            return False
+        now = time.time()
+        for worker in queueable:
+            head = worker.pending
+            if (type(head) is not _ReplyHook and type(head) is not _QueuedHook) or head.job.comp_id != job.comp_id \
+                    or now - head.start >= QUICK_JOB or worker.killed or worker.loaded.get(job.comp_id) is not spec:
+                continue
+            break
+        else:
+            return False
+        del queueable[worker]
+        worker.behind = _QueuedHook(self, worker, job, on_done, on_start, on_give_back, on_message)
+        self._behind[job.job_id] = worker
+        worker._write(self._run_message(worker, job, "next"), _userdata.size(job.args))
         return True
 
     def _mark(self, worker: _Worker, job: WorkerJob, on_message: Callable[[JobMessage], None] | None) -> None:
@@ -341,18 +408,24 @@ class WorkerPool:
         worker.job_id = None
         worker.on_message = None
 
-    def _run_message(self, worker: _Worker, job: WorkerJob) -> tuple[Any, ...]:
+    def _run_message(self, worker: _Worker, job: WorkerJob, command: str = "run") -> tuple[Any, ...]:
         # The options travel only when they changed (the worker keeps the last ones).
         options = None if worker.options == self.job_options else dict(self.job_options)
         if options is not None:
             worker.options = options
-        return ("run", job.job_id, job.comp_id, job.args, options)
+        return (command, job.job_id, job.comp_id, job.args, options)
 
     def _reply_ran(self, hook: _ReplyHook, reply: tuple[Any, ...]) -> None:
         """The reply of a try_run() job arrived: release its worker, then hand on the outcome."""
         worker, job_id = hook.worker, hook.job.job_id
         try:
-            outcome = outcome_from_reply(reply[1])
+            if reply[0] == "done":
+                outcome = outcome_from_reply(reply[1])
+            elif reply[0] == "skipped" and reply[1] == job_id and type(hook) is _QueuedHook and hook.skip_sent:
+                outcome = JobOutcome(job_id, "cancelled", None, None, None, "cancelled before it started", None,
+                                     b"", b"", hook.start, hook.start, 0.0, None)
+            else:
+                raise TypeError(f"a {reply[0]!r} reply")
         except Exception:
             # As a frame that does not decode: the worker broke the protocol. Its exit ends
             # the job ("died"), through this same hook.
@@ -362,8 +435,40 @@ class WorkerPool:
             worker.kill()
             return
         self._unmark(worker, job_id)
-        self._release(worker)
+        self._timed(hook.job.comp_id, outcome)
+        self._queueable.pop(worker, None)
+        behind = worker.behind
+        if behind is None:
+            self._release(worker)
+        elif not worker.killed:  # (a killed worker's exit gives it back: it may have begun it)
+            worker.behind = None
+            self._start_behind(worker, behind)
         _hand_on(hook, outcome)
+
+    def _timed(self, comp_id: str, outcome: JobOutcome) -> None:
+        """Count the jobs of ``comp_id`` in a row that were short (see QUICK_JOB)."""
+        quick = self._quick
+        quick[comp_id] = quick.get(comp_id, 0) + 1 if outcome.end_time - outcome.start_time < QUICK_JOB else 0
+
+    def _start_behind(self, worker: _Worker, hook: _QueuedHook) -> None:
+        """The job before ``hook``'s ended: the worker runs it now."""
+        del self._behind[hook.job.job_id]
+        hook.start = time.time()
+        worker.pending = hook  # type: ignore[assignment]
+        self._mark(worker, hook.job, hook.on_message)
+        self._queueable[worker] = None
+        try:
+            hook.on_start()
+        except Exception:
+            log.exception("starting job %s failed", hook.job.job_id)
+
+    def _give_back(self, hook: _QueuedHook) -> None:
+        """``hook``'s worker exited before its turn came: it never ran."""
+        self._behind.pop(hook.job.job_id, None)
+        try:
+            hook.on_give_back()
+        except Exception:
+            log.exception("giving back job %s failed", hook.job.job_id)
 
     async def _reply_lost(self, hook: _ReplyHook, returncode: int | None) -> None:
         """The worker of a try_run() job exited under it: the outcome run() would return."""
@@ -389,6 +494,13 @@ class WorkerPool:
         soon as it gets one, without running. Returns False if no such job is running."""
         worker = self._running.get(job_id)
         if worker is None:
+            worker = self._behind.get(job_id)
+            if worker is not None:  # waiting behind another job: the worker is asked to skip it
+                hook = worker.behind
+                if hook is not None and not hook.skip_sent and not worker.exited.done():
+                    hook.skip_sent = True
+                    worker._write(("skip", job_id))
+                return True
             if job_id in self._acquiring:
                 self._stopped.add(job_id)
                 return True
@@ -447,6 +559,7 @@ class WorkerPool:
 
     def _worker_exited(self, worker: _Worker) -> None:
         self._workers.discard(worker)
+        self._queueable.pop(worker, None)
         if worker.job_id is None and self._capture_dir:
             # Nobody collects its output (a run() whose worker died does, and removes the files).
             remove_output(output_base(self._capture_dir, worker.pid))

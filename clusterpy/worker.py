@@ -23,6 +23,10 @@ Commands and replies (exactly one reply per command, except ``exit``)::
     ("run", job_id, comp_id, args[, options])               ->  ("done", (JobOutcome fields))
                                 (options None or left out: those of the previous run; the
                                 fields in JobOutcome's order, see _workjob.outcome_from_reply)
+    ("next", job_id, comp_id, args[, options])              ->  ("done", ...) or ("skipped", job_id)
+                                (a run the pool wrote while the job before it still ran;
+                                skipped if a ("skip", job_id) is in the pipe when it is
+                                reached; a later skip is ignored: the job has run)
     during a run, unasked (clusterpy.progress)              ->  ("progress", job_id, value_bytes)
                                                                 ("file", job_id, name, data, last, error)
     ("unload", comp_id)                                     ->  ("unloaded", comp_id, error | None)
@@ -142,6 +146,14 @@ class _Worker:
                 if op == "run":
                     fields = self.run(*command[1:])
                     self.send(("done", fields), _reply_size(fields))
+                elif op == "next":  # sent while the job before it ran: it may have been called off
+                    if self.reader.take_skip(command[1]):
+                        self.send(("skipped", command[1]))
+                    else:
+                        fields = self.run(*command[1:])
+                        self.send(("done", fields), _reply_size(fields))
+                elif op == "skip":
+                    pass  # for a job that had started already: its reply says how it ended
                 elif op == "load":
                     self.send(("loaded", command[1], self.load(*command[1:])))
                 elif op == "unload":

@@ -44,16 +44,17 @@ async def receive(conn: Connection) -> object:
         return codec.decode(await conn.recv())
 
 
-async def deploy(node: NodeServer) -> Connection:
-    """A client connection with a ready program computation: ``run.sh SECONDS`` sleeps."""
+async def deploy(node: NodeServer, script: bytes = SCRIPT) -> Connection:
+    """A client connection with a ready program computation: ``run.sh SECONDS`` sleeps (or
+    runs ``script``)."""
     conn = await connect("127.0.0.1", node.port, secret=KEY, role="client", info=local_info(),
                          expected_peer_roles={"node"})
-    sha = hashlib.sha256(SCRIPT).hexdigest()
-    conn.send(codec.encode(m.DeployComputation(COMP, "program", (m.FileMeta("run.sh", sha, len(SCRIPT), 0o755),),
+    sha = hashlib.sha256(script).hexdigest()
+    conn.send(codec.encode(m.DeployComputation(COMP, "program", (m.FileMeta("run.sh", sha, len(script), 0o755),),
                                                None, ("run.sh",))))
     needed = await receive(conn)
     assert isinstance(needed, m.FilesNeeded) and needed.sha256s == (sha,)
-    conn.send(codec.encode(m.FileChunk(COMP, sha, SCRIPT, True)))
+    conn.send(codec.encode(m.FileChunk(COMP, sha, script, True)))
     assert isinstance(await receive(conn), m.ComputationReady)
     return conn
 
