@@ -13,8 +13,9 @@ Data flow inside one node::
                 -> WorkerPool.try_queue when every slot is taken: the head of the queue is
                    written to a worker running a short job of its computation, to start the
                    moment that one ends (the worker does not wait for the node in between)
-                -> JobDone to the owning client (the Connection writes a turn's reports
-                   together), or kept on disk while that client is away (crash recovery, partitions)
+                -> JobDone to the owning client (the reports of one loop turn leave together,
+                   as one JobsDone), or kept on disk while that client is away (crash recovery,
+                   partitions)
             CancelJob / timeout -> WorkerPool.terminate
 
 The node never unpickles user data: job arguments and results are opaque bytes passed between
@@ -42,7 +43,7 @@ from . import __version__
 from .errors import ClusterError, ProtocolError
 from .filestore import FileStore
 from .identity import DEFAULT_NODE_PORT, local_info
-from .node_session import ClientSession, Computation, QueuedJob, job_done_message
+from .node_session import ClientSession, Computation, QueuedJob, job_done_message, keep_report
 from .benchmark import run_benchmark
 from .pool import JobMessage, JobOutcome, WorkerJob, WorkerPool
 from .progress import DEFAULT_MAX_SEND_FILE
@@ -591,13 +592,7 @@ class NodeServer:
                 return
             except (ClusterError, OSError):
                 pass  # the connection broke just now: kept, as for a client that is away
-        used = sum(c.kept_bytes for c in self.comps.values())
-        if used + message.data_size > self.max_kept_bytes:
-            log.warning("kept-results budget (%d bytes) full: dropping the result of job %s", self.max_kept_bytes, job.key)
-            message = m.JobDone(comp.comp_id, message.job_id, message.attempt, "exception", None, None,
-                                "ResultDropped", "the node's budget for kept results was full; the result was dropped",
-                                None, b"", b"", message.start_time, message.end_time, message.cpu_time, message.exit_code)
-        comp.keep(message)
+        keep_report(self, owner, message)
 
 
 # -------------------------------------------------------------------- command line

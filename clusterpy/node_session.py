@@ -37,6 +37,7 @@ class NodeServices(Protocol):
     store: FileStore | None
     pool: WorkerPool
     kept_dir: Path
+    max_kept_bytes: int
 
     def enqueue(self, job: "QueuedJob") -> None: ...
     async def cancel(self, job: "QueuedJob") -> None: ...
@@ -45,7 +46,7 @@ class NodeServices(Protocol):
     def orphan(self, comp: "Computation") -> None: ...
     def handle_other(self, session: "ClientSession", msg: object) -> None: ...
 
-__all__ = ["QueuedJob", "Computation", "ClientSession"]
+__all__ = ["QueuedJob", "Computation", "ClientSession", "keep_report"]
 
 log = logging.getLogger("clusterpy.node")
 
@@ -62,6 +63,15 @@ def job_key(comp_id: str, job_id: str, attempt: int) -> str:
 START_REPORT_DELAY = 0.002
 # A job this close to the delay counts as due (the timer's clock is not time.time()).
 _START_SLACK = 0.0001
+
+# Job reports are held until the connection next writes, and go out as one JobsDone per
+# computation (see ClientSession.deliver). A report whose data (result and output, counting
+# _REPORT_COST for the rest) is _HOLD_MAX bytes or more is not held: it goes at once, alone,
+# its large blobs out of band. Held reports leave early once they count _BATCH_BYTES: at most
+# 64 of them, their data (all in band) at most ~128 KB.
+_HOLD_MAX = 64 * 1024
+_BATCH_BYTES = 64 * 1024
+_REPORT_COST = 1024
 
 
 @dataclass(eq=False, slots=True)
@@ -151,8 +161,14 @@ class ClientSession:
         self._started: dict[str, tuple[QueuedJob, float]] = {}  # job key -> (job, its start) not yet reported
         self._start_timer: asyncio.TimerHandle | None = None
         self._closing = False
+        # Reports held for the next write (comp_id -> reports, in the order they came) and
+        # what they count against _BATCH_BYTES; see deliver().
+        self._reports: dict[str, list[m.JobDone]] = {}
+        self._report_bytes = 0
 
     def send(self, message: object) -> None:
+        if self._reports:
+            self._send_reports()  # messages leave in the order they were made
         if not self.conn.closed:
             self.conn.send(codec.encode_parts(message))
 
@@ -519,6 +535,13 @@ class ClientSession:
     def deliver(self, message: m.JobDone | m.JobProgress | m.JobFile, key: str | None = None) -> None:
         """Send a job's message; ``key`` is its job's key, if the caller has it at hand.
 
+        A JobDone with little data is held until the connection next writes (the end of this
+        loop turn, or of the read being handled), so that the reports of jobs that end
+        meanwhile travel as one JobsDone: one frame to seal, open and decode. Anything else
+        this session sends first sends the held reports, so messages keep their order. A held
+        report the connection no longer takes when it is sent is kept on disk, as for a client
+        that is away (:func:`keep_report`).
+
         The caller checks ``conn.closed`` first (a result for a client that is away is kept
         instead), so this sends without checking again.
 
@@ -533,9 +556,54 @@ class ClientSession:
             if self._started.pop(key, None) is not None and not self._started and self._start_timer is not None:
                 self._start_timer.cancel()
                 self._start_timer = None
+            # Inline, not JobDone.data_size: this runs for every job. A view or a tuple is a
+            # large result (or one with out-of-band buffers): not held.
+            result = message.result
+            size = len(message.stdout) + len(message.stderr) + _REPORT_COST
+            if result is not None:
+                size += len(result) if type(result) is bytes else _HOLD_MAX
+            if size < _HOLD_MAX:
+                held = self._reports
+                reports = held.get(message.comp_id)
+                if reports is None:
+                    if not held:
+                        self.conn.before_flush(self._send_reports)  # raises if the connection is closed
+                    reports = held[message.comp_id] = []
+                reports.append(message)
+                self._report_bytes += size
+                if self._report_bytes >= _BATCH_BYTES:
+                    self._send_reports()
+                return
         elif key in self._started:
             self._flush_started(everything=True)  # Running reaches the client before the job's first message
+        if self._reports:
+            self._send_reports()
         self.conn.send(codec.encode_parts(message))
+
+    def _send_reports(self) -> None:
+        """Send the held reports: per computation, one JobsDone (a JobDone if it is one
+        report). Runs as the connection's before_flush hook, and before anything else this
+        session sends. Never raises (it runs inside the connection's flush): reports the
+        connection no longer takes are kept for the client's return."""
+        held = self._reports
+        if not held:
+            return  # sent already, before another message
+        self._reports, self._report_bytes = {}, 0
+        for comp_id, reports in held.items():
+            self._send_held(reports[0] if len(reports) == 1 else m.JobsDone(comp_id, tuple(reports)), reports)
+
+    def _send_held(self, message: m.JobDone | m.JobsDone, reports: list[m.JobDone]) -> None:
+        try:
+            self.conn.send(codec.encode_parts(message))
+        except ConnectionClosedError:
+            for report in reports:
+                keep_report(self.node, self, report)
+        except ValueError as exc:  # over the frame cap
+            if len(reports) == 1:  # lost, as it was unbatched (deliver raised ValueError)
+                log.error("the result of job %s/%s cannot be sent: %s", reports[0].comp_id, reports[0].job_id, exc)
+                return
+            for report in reports:  # together only: one by one
+                self._send_held(report, [report])
 
 
 @dataclass(eq=False)
@@ -544,6 +612,30 @@ class PendingAdd:
 
     msg: m.AddFiles
     error: str | None = None
+
+
+def keep_report(node: NodeServices, session: ClientSession | None, message: m.JobDone) -> None:
+    """Keep a job's report on disk for its client's return (``session``: the one whose
+    connection would not take it), within the node's budget for kept results, as for a client
+    that is away; sent instead if its computation has a live session of its own by now; dropped
+    if the computation is gone (nobody wants it)."""
+    comp = node.comps.get(message.comp_id)
+    if comp is None:
+        return
+    owner = comp.owner
+    if owner is not None and owner is not session and not owner.conn.closed:
+        try:
+            owner.deliver(message)
+            return
+        except (ConnectionClosedError, OSError):
+            pass
+    if sum(c.kept_bytes for c in node.comps.values()) + message.data_size > node.max_kept_bytes:
+        log.warning("kept-results budget (%d bytes) full: dropping the result of job %s/%s", node.max_kept_bytes,
+                    message.comp_id, message.job_id)
+        message = m.JobDone(message.comp_id, message.job_id, message.attempt, "exception", None, None,
+                            "ResultDropped", "the node's budget for kept results was full; the result was dropped",
+                            None, b"", b"", message.start_time, message.end_time, message.cpu_time, message.exit_code)
+    comp.keep(message)
 
 
 def job_done_message(job: QueuedJob, o: JobOutcome) -> m.JobDone:

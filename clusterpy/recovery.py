@@ -185,11 +185,14 @@ async def _collect(comp_id: str, node: _NodeRecord, secret: bytes, journal: Jour
             if isinstance(msg, m.Attached):
                 kept_left = msg.kept
                 pending = set(msg.pending)
-            elif isinstance(msg, m.JobDone):
-                if kept_left:
-                    kept_left -= 1
-                pending.discard((msg.job_id, msg.attempt))
-                accept(msg)
+            elif isinstance(msg, (m.JobDone, m.JobsDone)):
+                # Kept results come one by one; those of jobs that end meanwhile may come
+                # several in a JobsDone (the codec checked its reports): each as if alone.
+                for report in msg.reports if isinstance(msg, m.JobsDone) else (msg,):
+                    if kept_left:
+                        kept_left -= 1
+                    pending.discard((report.job_id, report.attempt))
+                    accept(report)
             elif isinstance(msg, m.Ping):
                 conn.send(codec.encode(m.Pong(msg.sent)))
         if all(r.ended for r in node.jobs.values()):
@@ -206,6 +209,9 @@ async def _collect(comp_id: str, node: _NodeRecord, secret: bytes, journal: Jour
                     break
                 if isinstance(msg, m.JobDone):
                     accept(msg)
+                elif isinstance(msg, m.JobsDone):
+                    for report in msg.reports:
+                        accept(report)
         except (TimeoutError, ClusterError):
             pass
 

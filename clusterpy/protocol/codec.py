@@ -72,21 +72,30 @@ class _RestrictedUnpickler(pickle.Unpickler):
 # against 0.4 ms for a Pickler writing into a BytesIO); below a few hundred KB it is the
 # faster one, by ~1 us for a small message.
 _BULKY = frozenset({messages.DeployComputation, messages.FileChunk, messages.SubmitJobs, messages.JobDone,
-                    messages.JobProgress, messages.JobFile})
+                    messages.JobsDone, messages.JobProgress, messages.JobFile})
 # A batch of at most this many jobs pickles small: in band, a blob is under OUT_OF_BAND_MIN
-# (a larger one is an out-of-band buffer), so the pickle stays under ~512 KB.
+# (a larger one is an out-of-band buffer), so the pickle stays under ~512 KB (a JobsDone's
+# reports carry up to four blobs each, but the node holds at most ~64 KB of their data in one).
 _SMALL_BATCH = 8
 
 
 def _small_pickle(message: object) -> bool:
     """Whether a bulky message surely pickles small (see above): a batch of a few jobs, a
-    job's report without a traceback (a report's only text of unbounded size), one piece of
-    data."""
+    job's report without a traceback (a report's only text of unbounded size), a few such
+    reports, one piece of data."""
     kind = type(message)
     if kind is messages.JobDone:
         return message.traceback is None  # type: ignore[attr-defined]
     if kind is messages.SubmitJobs:
         return len(message.jobs) <= _SMALL_BATCH  # type: ignore[attr-defined]
+    if kind is messages.JobsDone:
+        reports = message.reports  # type: ignore[attr-defined]
+        if len(reports) > _SMALL_BATCH:
+            return False
+        for report in reports:
+            if report.traceback is not None:
+                return False
+        return True
     return kind is messages.JobProgress or kind is messages.FileChunk
 
 
@@ -132,6 +141,27 @@ def decode(payload: bytes | bytearray | memoryview) -> Any:
         raise
     except Exception as exc:  # any malformed pickle is the peer's fault, never ours
         raise ProtocolError(f"undecodable message: {exc!r}") from None
-    if type(message) not in _CLASSES:
+    kind = type(message)
+    if kind not in _CLASSES:
         raise ProtocolError(f"payload decoded to {type(message).__name__}, not a clusterpy message")
+    if kind is messages.JobsDone:
+        _check_reports(message)
     return message
+
+
+def _check_reports(message: messages.JobsDone) -> None:
+    """Refuse a batch of reports a receiver could not handle as reports that came alone: its
+    reports must be a tuple of JobDone s of its own computation (the restricted unpickler
+    builds any message type, and any builtin container, wherever the pickle says).
+
+    Raises:
+        ProtocolError: the batch holds something else.
+    """
+    reports, comp_id = message.reports, message.comp_id
+    if type(reports) is not tuple:
+        raise ProtocolError(f"JobsDone holds a {type(reports).__name__}, not a tuple of reports")
+    for report in reports:
+        if type(report) is not messages.JobDone:
+            raise ProtocolError(f"JobsDone holds a {type(report).__name__}, not a JobDone")
+        if report.comp_id != comp_id:
+            raise ProtocolError(f"JobsDone of computation {comp_id!r:.80} holds a report of {report.comp_id!r:.80}")

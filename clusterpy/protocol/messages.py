@@ -19,7 +19,8 @@ Flow for one computation::
       SubmitJobs(batch) ->
                                           <- JobsStarted(batch)
                                           <- JobProgress, JobFile ... (while a job runs)
-                                          <- JobDone (one per job, as they end)
+                                          <- JobDone (a job ended) | JobsDone (the reports
+                                             of one computation that end in one loop turn)
       CancelJob ->
       RecallJobs ->                       (work stealing: jobs not started yet)
                                           <- JobsRecalled (those given back unstarted)
@@ -53,6 +54,7 @@ __all__ = [
     "JobStart",
     "JobsStarted",
     "JobDone",
+    "JobsDone",
     "JobProgress",
     "JobFile",
     "CancelJob",
@@ -194,6 +196,18 @@ class JobDone:
         """Bytes of the job's data it carries: its result and its output."""
         size = len(self.stdout) + len(self.stderr)
         return size if self.result is None else size + outofband.payload_size(self.result)
+
+
+@dataclass(slots=True)
+class JobsDone:
+    """Several jobs of one computation ended: their reports, in the order they ended, in one
+    message (one frame to seal, open and decode instead of one per job). The node sends it for
+    the reports that leave in one write; a single report travels as a :class:`JobDone`. A
+    receiver handles each report exactly as if it had come alone. The codec refuses a JobsDone
+    holding anything but JobDone s of ``comp_id``."""
+
+    comp_id: str
+    reports: tuple[JobDone, ...]
 
 
 @dataclass(slots=True)
@@ -346,6 +360,7 @@ Message = (
     | SubmitJobs
     | JobsStarted
     | JobDone
+    | JobsDone
     | JobProgress
     | JobFile
     | CancelJob
@@ -379,6 +394,7 @@ MESSAGE_TYPES: dict[str, type] = {
         JobStart,
         JobsStarted,
         JobDone,
+        JobsDone,
         JobProgress,
         JobFile,
         CancelJob,
