@@ -5,7 +5,7 @@ Data flow inside one node::
     TCP (authenticated Connection, one per client)
         -> ClientSession (node_session.py): decode message, act
             DeployComputation / FileChunk -> FileStore (content-addressed cache, per-computation dir)
-            SubmitJobs -> node-wide FIFO run queue (a slot per CPU)
+            SubmitJobs -> the node-wide FIFO run queue (RunQueue, _runqueue.py; a slot per CPU)
                 -> WorkerPool.try_run (persistent worker processes; no task per job: the
                    callback that reads a worker's reply frees the slot, hands the worker the
                    next queued job and queues the JobDone, all in one loop turn; WorkerPool.run
@@ -13,10 +13,14 @@ Data flow inside one node::
                 -> WorkerPool.try_queue when every slot is taken: the head of the queue is
                    written to a worker running a short job of its computation, to start the
                    moment that one ends (the worker does not wait for the node in between)
-                -> JobDone to the owning client (the reports of one loop turn leave together,
-                   as one JobsDone), or kept on disk while that client is away (crash recovery,
-                   partitions)
+                -> JobDone to the owning client through its session's Outbox (_node_reports.py:
+                   the reports of one loop turn leave together, as one JobsDone), or kept on
+                   disk while that client is away (crash recovery, partitions)
             CancelJob / timeout -> WorkerPool.terminate
+
+NodeServer (here) keeps the server's lifecycle, the connections, the computations' lifecycle
+(leases, closing) and the status; it owns the run queue and every task. The records the parts
+share (Computation, QueuedJob) are in _node_jobs.py.
 
 The node never unpickles user data: job arguments and results are opaque bytes passed between
 the client and a worker process. Every connection runs the authenticated handshake first;
@@ -27,14 +31,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import logging
 import os
 import shutil
 import signal
 import sys
 import time
-import traceback
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -43,9 +45,10 @@ from . import __version__
 from .errors import ClusterError, ProtocolError
 from .filestore import FileStore
 from .identity import DEFAULT_NODE_PORT, local_info
-from .node_session import ClientSession, Computation, QueuedJob, job_done_message, keep_report
+from ._runqueue import RunQueue
+from .node_session import ClientSession, Computation
 from .benchmark import run_benchmark
-from .pool import JobMessage, JobOutcome, WorkerJob, WorkerPool
+from .pool import WorkerPool
 from .progress import DEFAULT_MAX_SEND_FILE
 from .protocol import messages as m
 from .protocol.framing import DEFAULT_MAX_FRAME
@@ -170,11 +173,12 @@ class NodeServer:
         self.comps: dict[str, Computation] = {}
         self._server: asyncio.base_events.Server | None = None
         self._sessions: set[ClientSession] = set()
-        self._run_queue: collections.deque[QueuedJob] = collections.deque()
-        self._slots = self.cpus
         self._tasks: set[asyncio.Task[object]] = set()
         self._closed = asyncio.Event()
-        self.jobs_done = 0
+        self.run_queue = run_queue = RunQueue(self, self.pool, self.cpus, spawn=self._spawn, closed=self._closed)
+        # What a ClientSession asks of the run queue (NodeServices), bound here rather than
+        # forwarded: a session calls enqueue for every job.
+        self.enqueue, self.cancel, self.recall = run_queue.enqueue, run_queue.cancel, run_queue.recall
         self.clients_served = 0
         self.max_file_size = max_file_size  # None: the FileStore's default
         self.quota = quota  # None: the FileStore's default
@@ -314,6 +318,11 @@ class NodeServer:
             return
         raise ProtocolError(f"unexpected message from a client: {type(msg).__name__}")
 
+    @property
+    def jobs_done(self) -> int:
+        """Jobs that ran here and ended (since the start)."""
+        return self.run_queue.jobs_done
+
     def status_reply(self, sent: float = 0.0) -> m.StatusReply:
         """The node's state now, for ``clusterpy status`` (``sent`` is echoed back)."""
         running = sum(1 for c in self.comps.values() for j in c.jobs.values() if j.started and not j.done)
@@ -323,8 +332,8 @@ class NodeServer:
             load = (0.0, 0.0, 0.0)
         info = self.info()
         return m.StatusReply(
-            sent, self.node_id, info["hostname"], __version__, self.cpus, running, self.cpus - self._slots,
-            len(self._run_queue) + self.pool.queued, self.jobs_done, len(self._sessions), (load[0], load[1], load[2]),
+            sent, self.node_id, info["hostname"], __version__, self.cpus, running, self.run_queue.busy_cpus,
+            self.run_queue.queued, self.run_queue.jobs_done, len(self._sessions), (load[0], load[1], load[2]),
             time.time() - self.started_at,
         )
 
@@ -370,7 +379,7 @@ class NodeServer:
             comp.owner = None
         for job in list(comp.jobs.values()):
             await self.cancel(job)
-        running = [self._ending(j) for j in comp.jobs.values() if (j.started or j.behind) and not j.done]
+        running = [self.run_queue.ending(j) for j in comp.jobs.values() if (j.started or j.behind) and not j.done]
         if running:
             await asyncio.gather(*running, return_exceptions=True)
         for incoming in comp.incoming.values():
@@ -385,214 +394,6 @@ class NodeServer:
         self.computations_closed += 1
         if self.on_computation_closed is not None:
             self.on_computation_closed(self.computations_closed)
-
-    # ---------------------------------------------------------------- run queue
-
-    def enqueue(self, job: QueuedJob) -> None:
-        """Queue ``job`` behind the others (strict FIFO): it starts at once only if none waits
-        ahead of it and its CPU slots are free."""
-        # The slots it takes: what it asked for, at most the whole node (then it runs alone).
-        # Set once here, so the run queue compares integers.
-        job.cpus = min(max(1, job.request.cpus), self.cpus)
-        if self._run_queue or job.cpus > self._slots:
-            # The head of a non-empty queue needs more slots than are free (slots are freed,
-            # and the head leaves, only where _pump runs next), and nothing may pass it:
-            # pumping now would start nothing.
-            self._run_queue.append(job)
-            if self.pool.can_queue(job.comp.comp_id):
-                self._queue_behind()
-            return
-        self._slots -= job.cpus
-        self._start(job)
-
-    def _pump(self) -> None:
-        """Start the queued jobs whose slots are free, in order. Strict FIFO: a job that needs
-        more free CPUs than there are waits at the head, so a stream of 1-CPU jobs cannot
-        starve it. Called whenever slots are freed or the head of the queue leaves it."""
-        while (job := self._head()) is not None:
-            if job.cpus > self._slots:
-                if self.pool.can_queue(job.comp.comp_id):
-                    self._queue_behind()
-                break
-            self._run_queue.popleft()
-            self._slots -= job.cpus
-            self._start(job)
-
-    def _head(self) -> QueuedJob | None:
-        """The first job in the queue that was not cancelled (the cancelled ones leave it)."""
-        queue = self._run_queue
-        while queue:
-            job = queue[0]
-            if not job.cancelled:
-                return job
-            queue.popleft()
-        return None
-
-    def _queue_behind(self) -> None:
-        """Write the jobs at the head of the queue to busy workers, each to start the moment
-        the short job before it ends (WorkerPool.try_queue), so that a stream of short jobs
-        does not leave a worker waiting for this process between two of them. Only 1-CPU
-        jobs without a timeout (a timeout runs from the start), in queue order."""
-        while (job := self._head()) is not None:
-            req = job.request
-            if job.cpus != 1 or (req.timeout is not None and req.timeout > 0) or not self._try_queue(job):
-                return
-            self._run_queue.popleft()
-            job.behind = True
-
-    def _try_queue(self, job: QueuedJob) -> bool:
-        return self.pool.try_queue(WorkerJob(job.key, job.comp.comp_id, job.request.args),
-                                   lambda outcome: self._ended(job, outcome), lambda: self._turn_came(job),
-                                   lambda: self._given_back(job), on_message=lambda msg: self._job_message(job, msg))
-
-    def _turn_came(self, job: QueuedJob) -> None:
-        """A job queued behind another on a worker starts: it takes the slot that one frees."""
-        job.behind = False
-        job.started = True
-        self._slots -= job.cpus
-        if job.comp.owner is not None:
-            job.comp.owner.started(job)
-
-    def _given_back(self, job: QueuedJob) -> None:
-        """A job queued behind another on a worker never ran there (the worker exited): it is
-        queued first again, or, if cancelled meanwhile, reported so."""
-        job.behind = False
-        if job.cancelled:
-            job.done = True
-            if job.ended is not None and not job.ended.done():
-                job.ended.set_result(None)
-            now = time.time()
-            self._report(job, JobOutcome(
-                job.key, "cancelled", None, None, None, None, None, b"", b"", now, now, 0.0, None))
-        elif not self._closed.is_set():
-            self._run_queue.appendleft(job)
-            self._pump()
-
-    def _start(self, job: QueuedJob) -> None:
-        """Give ``job`` to a worker: at once if one is ready for it (no task: its end is handled
-        in the callback that reads the worker's reply, which also starts the next job), else
-        through a task that waits for a worker and loads the computation."""
-        job.started = True
-        req = job.request
-        comp = job.comp
-        if comp.owner is not None:
-            comp.owner.started(job)
-        if req.timeout is not None and req.timeout > 0:
-            job.timer = asyncio.get_running_loop().call_later(req.timeout, self._time_out, job)
-        work = WorkerJob(job.key, comp.comp_id, req.args)
-        on_message = (lambda msg: self._job_message(job, msg))
-        try:
-            if self.pool.try_run(work, lambda outcome: self._ended(job, outcome), on_message=on_message):
-                return
-        except Exception as exc:
-            self._ended(job, _node_failure(job, exc))
-            return
-        job.task = self._spawn(self._run(job, work, on_message))  # type: ignore[assignment]
-
-    async def _run(self, job: QueuedJob, work: WorkerJob, on_message: Callable[[JobMessage], None]) -> None:
-        try:
-            outcome = await self.pool.run(work, on_message=on_message)
-        except asyncio.CancelledError:
-            self._over(job)
-            raise
-        except Exception as exc:  # the node's own failure (a broken pool): the job still ends, saying why
-            outcome = _node_failure(job, exc)
-        self._ended(job, outcome)
-
-    def _ended(self, job: QueuedJob, outcome: JobOutcome) -> None:
-        """The worker is done with ``job``: free its slots and start what waits for them (the
-        next job reaches a worker before this one's report is made), then report it."""
-        self._over(job)
-        self.jobs_done += 1
-        self._report(job, outcome)
-
-    def _over(self, job: QueuedJob) -> None:
-        if job.done:
-            return
-        job.done = True
-        if job.timer is not None:
-            job.timer.cancel()
-        if job.ended is not None and not job.ended.done():
-            job.ended.set_result(None)
-        self._slots += job.cpus
-        if self._run_queue:
-            self._pump()
-
-    def _ending(self, job: QueuedJob) -> asyncio.Future[None]:
-        """A future resolved once a started job is over."""
-        if job.ended is None:
-            job.ended = asyncio.get_running_loop().create_future()
-            if job.done:
-                job.ended.set_result(None)
-        return job.ended
-
-    def _job_message(self, job: QueuedJob, msg: JobMessage) -> None:
-        """Forward a provisional result or a file piece to the job's client, in order (dropped
-        while the client is away: only final results are kept for its return)."""
-        owner = job.comp.owner
-        if owner is None or owner.conn.closed or self.comps.get(job.comp.comp_id) is not job.comp:
-            return
-        req = job.request
-        if msg.kind == "progress":
-            assert msg.value is not None
-            owner.deliver(m.JobProgress(job.comp.comp_id, req.job_id, req.attempt, msg.value))
-        else:
-            owner.deliver(m.JobFile(job.comp.comp_id, req.job_id, req.attempt, msg.name, msg.data, msg.last, msg.error))
-
-    def _time_out(self, job: QueuedJob) -> None:
-        job.timed_out = True
-        self._spawn(self.pool.terminate(job.key))
-
-    async def cancel(self, job: QueuedJob) -> None:
-        """Cancel a queued job at once, or terminate the worker running it."""
-        job.cancelled = True
-        if not job.started and not job.behind:
-            self._dequeue(job)
-            now = time.time()
-            self._report(job, JobOutcome(
-                job.key, "cancelled", None, None, None, None, None, b"", b"", now, now, 0.0, None))
-        else:
-            await self.pool.terminate(job.key)
-
-    def recall(self, job: QueuedJob) -> bool:
-        """Take back a job that has not started (the client runs it elsewhere); False if it
-        has started, or ended, already."""
-        if job.started or job.cancelled or not self._dequeue(job):
-            return False
-        job.comp.jobs.pop(job.key, None)
-        return True
-
-    def _dequeue(self, job: QueuedJob) -> bool:
-        """Take a job that has not started out of the run queue; False if it is not there (held
-        behind an AddFiles, say). If it was at the head, what waited behind it may start now."""
-        queue = self._run_queue
-        if not queue:
-            return False
-        head = queue[0] is job
-        try:
-            queue.remove(job)
-        except ValueError:
-            return False
-        if head:
-            self._pump()
-        return True
-
-    def _report(self, job: QueuedJob, outcome: JobOutcome) -> None:
-        """Send the job's JobDone to its client (queued: it goes out at the end of this loop
-        turn, with the others), or keep it on disk while the client is away."""
-        comp = job.comp
-        comp.jobs.pop(job.key, None)
-        if self.comps.get(comp.comp_id) is not comp:
-            return  # the computation was closed: nobody wants this result
-        message = job_done_message(job, outcome)
-        owner = comp.owner
-        if owner is not None and not owner.conn.closed:
-            try:
-                owner.deliver(message, job.key)
-                return
-            except (ClusterError, OSError):
-                pass  # the connection broke just now: kept, as for a client that is away
-        keep_report(self, owner, message)
 
 
 # -------------------------------------------------------------------- command line
@@ -671,15 +472,6 @@ def _clean(dest: Path) -> None:
         else:
             entry.unlink()
     log.info("--clean: emptied %s (%d entries)", dest, len(entries))
-
-
-def _node_failure(job: QueuedJob, exc: Exception) -> JobOutcome:
-    """The outcome of a job the node could not run (not the job's fault): an exception that
-    names the node's error, so that the job ends instead of waiting forever."""
-    log.error("job %s could not be run: %r", job.key, exc, exc_info=exc)
-    now = time.time()
-    return JobOutcome(job.key, "exception", None, None, "NodeError", f"the node could not run the job: {exc!r}",
-                      "".join(traceback.format_exception(exc)), b"", b"", now, now, 0.0, None)
 
 
 async def _serve(args: argparse.Namespace, secret: bytes) -> None:

@@ -6,148 +6,58 @@ running and their results are kept on disk for ``result_lease`` seconds. A clien
 back (a reconnect after a partition, or ``recover_jobs`` in a new process) re-attaches with
 the computation id and receives the kept results; the lease ending removes everything.
 
+::
+
+    Connection (one client) -> ClientSession: decode, act
+        SubmitJobs -> QueuedJob (_node_jobs.py) -> node.enqueue (the run queue, _runqueue.py)
+        CancelJob, RecallJobs, CloseComputation -> node.cancel, node.recall, node.close_computation
+        DeployComputation, FileChunk, AddFiles -> FileStore; Computation (_node_jobs.py) in node.comps
+        Attach/DetachComputation, Ping -> here; anything else (StatusRequest) -> node.handle_other
+    ClientSession.send / started / deliver = its Outbox's (_node_reports.py): job reports
+        batched, starts reported late, everything in order -> Connection
+
 Nothing here unpickles user data: results are kept and sent as the opaque bytes the worker made.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import struct
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
+from ._node_jobs import Computation, PendingAdd, QueuedJob, job_key
+from ._node_reports import START_REPORT_DELAY, KeptResults, Outbox, keep_report
 from .errors import ConnectionClosedError, DependencyError, ProtocolError
 from .filestore import FileStore, validate_name
-from .pool import ComputationSpec, JobOutcome, WorkerPool
+from .pool import ComputationSpec, WorkerPool
 from .protocol import codec
 from .protocol import messages as m
 from .transport.stream import Connection
 
 
+class NodeServices(KeptResults, Protocol):
+    """What a session needs from its node (implemented by clusterpy.node.NodeServer); its
+    outbox also keeps reports there (KeptResults: ``comps``, ``max_kept_bytes``)."""
 
-class NodeServices(Protocol):
-    """What a session needs from its node (implemented by clusterpy.node.NodeServer)."""
-
-    comps: dict[str, "Computation"]
     store: FileStore | None
     pool: WorkerPool
     kept_dir: Path
-    max_kept_bytes: int
 
-    def enqueue(self, job: "QueuedJob") -> None: ...
-    async def cancel(self, job: "QueuedJob") -> None: ...
-    def recall(self, job: "QueuedJob") -> bool: ...
-    async def close_computation(self, comp: "Computation", *, keep_files: bool) -> None: ...
-    def orphan(self, comp: "Computation") -> None: ...
+    def enqueue(self, job: QueuedJob) -> None: ...
+    async def cancel(self, job: QueuedJob) -> None: ...
+    def recall(self, job: QueuedJob) -> bool: ...
+    async def close_computation(self, comp: Computation, *, keep_files: bool) -> None: ...
+    def orphan(self, comp: Computation) -> None: ...
     def handle_other(self, session: "ClientSession", msg: object) -> None: ...
 
-__all__ = ["QueuedJob", "Computation", "ClientSession", "keep_report"]
+
+# QueuedJob, Computation (_node_jobs.py), keep_report and START_REPORT_DELAY (_node_reports.py)
+# are re-exported: this module is the public face of the node's session side.
+__all__ = ["QueuedJob", "Computation", "ClientSession", "keep_report", "START_REPORT_DELAY"]
 
 log = logging.getLogger("clusterpy.node")
-
-_LEN = struct.Struct(">I")
-
-
-def job_key(comp_id: str, job_id: str, attempt: int) -> str:
-    """A job's key on this node: one attempt of one job of one computation."""
-    return f"{comp_id}/{job_id}/{attempt}"
-
-
-#: Seconds a job runs before the node reports it started (JobsStarted); shorter jobs are
-#: reported by their JobDone alone.
-START_REPORT_DELAY = 0.002
-# A job this close to the delay counts as due (the timer's clock is not time.time()).
-_START_SLACK = 0.0001
-
-# Job reports are held until the connection next writes, and go out as one JobsDone per
-# computation (see ClientSession.deliver). A report whose data (result and output, counting
-# _REPORT_COST for the rest) is _HOLD_MAX bytes or more is not held: it goes at once, alone,
-# its large blobs out of band. Held reports leave early once they count _BATCH_BYTES: at most
-# 64 of them, their data (all in band) at most ~128 KB.
-_HOLD_MAX = 64 * 1024
-_BATCH_BYTES = 64 * 1024
-_REPORT_COST = 1024
-
-
-@dataclass(eq=False, slots=True)
-class QueuedJob:
-    """A job on this node: queued, then ``started`` (given CPU slots), then ``done`` (its
-    slots are free again; its report is sent or kept). Slots: 100,000 of them may be queued."""
-
-    comp: "Computation"
-    request: m.JobRequest
-    key: str  # unique on this node: comp_id/job_id/attempt
-    cancelled: bool = False
-    timed_out: bool = False
-    started: bool = False
-    behind: bool = False  # written to a busy worker, to start when its job ends (WorkerPool.try_queue)
-    done: bool = False
-    cpus: int = 0  # the CPU slots it takes (set when it is queued), held while it runs
-    # Only for a job that had to wait for a worker (WorkerPool.run): most run without a task.
-    task: asyncio.Task[None] | None = None
-    timer: asyncio.TimerHandle | None = None  # its timeout
-    ended: asyncio.Future[None] | None = None  # made only when someone waits for its end
-
-
-@dataclass(eq=False)
-class Computation:
-    comp_id: str
-    deploy: m.DeployComputation
-    workdir: Path
-    kept_path: Path
-    owner: "ClientSession | None" = None
-    incoming: dict[str, object] = field(default_factory=dict)  # sha256 -> IncomingFile
-    ready: bool = False
-    jobs: dict[str, QueuedJob] = field(default_factory=dict)  # key -> job
-    kept: int = 0
-    kept_bytes: int = 0
-    lease: asyncio.TimerHandle | None = None
-    # Scatter (AddFiles): files being added in order, jobs held until they are in place,
-    # and transfers that failed whose remaining chunks are ignored.
-    adds: list["PendingAdd"] = field(default_factory=list)
-    held: list[QueuedJob] = field(default_factory=list)
-    discarding: set[str] = field(default_factory=set)
-
-    def keep(self, message: m.JobDone) -> int:
-        """Append a result for a client that is away; returns the bytes used."""
-        data = codec.encode(message)
-        fd = os.open(self.kept_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, _LEN.pack(len(data)) + data)
-        finally:
-            os.close(fd)
-        self.kept += 1
-        self.kept_bytes += len(data) + _LEN.size
-        return len(data) + _LEN.size
-
-    def take_kept(self) -> Iterator[object]:
-        """Yield the kept results in order and forget them."""
-        if not self.kept:
-            return
-        try:
-            data = self.kept_path.read_bytes()
-        except FileNotFoundError:
-            data = b""
-        self.drop_kept()
-        offset = 0
-        while offset + _LEN.size <= len(data):
-            (size,) = _LEN.unpack_from(data, offset)
-            offset += _LEN.size
-            yield codec.decode(data[offset:offset + size])
-            offset += size
-
-    def drop_kept(self) -> None:
-        self.kept = 0
-        self.kept_bytes = 0
-        try:
-            self.kept_path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 class ClientSession:
@@ -158,19 +68,13 @@ class ClientSession:
         self.conn = conn
         self.comps: dict[str, Computation] = {}
         self.last_heard = time.monotonic()
-        self._started: dict[str, tuple[QueuedJob, float]] = {}  # job key -> (job, its start) not yet reported
-        self._start_timer: asyncio.TimerHandle | None = None
         self._closing = False
-        # Reports held for the next write (comp_id -> reports, in the order they came) and
-        # what they count against _BATCH_BYTES; see deliver().
-        self._reports: dict[str, list[m.JobDone]] = {}
-        self._report_bytes = 0
-
-    def send(self, message: object) -> None:
-        if self._reports:
-            self._send_reports()  # messages leave in the order they were made
-        if not self.conn.closed:
-            self.conn.send(codec.encode_parts(message))
+        self.outbox = outbox = Outbox(node, self, conn)
+        # What leaves the session goes through its outbox (see _node_reports.Outbox). Bound
+        # here, not forwarded: the run queue calls started and deliver for every job.
+        self.send = outbox.send
+        self.started = outbox.started
+        self.deliver = outbox.deliver
 
     async def serve(self) -> None:
         try:
@@ -196,9 +100,7 @@ class ClientSession:
         if self._closing:
             return
         self._closing = True
-        if self._start_timer is not None:
-            self._start_timer.cancel()
-            self._start_timer = None
+        self.outbox.close()
         log.info("session with %s ends: %s", self.conn.peername, reason)
         for comp in list(self.comps.values()):
             self.node.orphan(comp)
@@ -483,170 +385,3 @@ class ClientSession:
         if self.node.store is not None:
             self.node.store.remove_computation(comp.comp_id)
         self.send(m.ComputationFailed(comp.comp_id, reason))
-
-    # ---------------------------------------------------------------- job reports
-
-    def started(self, job: QueuedJob) -> None:
-        """Report the job as running, START_REPORT_DELAY seconds from now if it is still
-        running then: a short job's JobDone says it all (and the client shows it Running
-        first), which saves a message each way and a wake-up of the client mid-job."""
-        if self.conn.closed:
-            return  # the client is away: it learns of the job from its result
-        self._started[job.key] = (job, time.time())
-        if self._start_timer is None:
-            self._start_timer = asyncio.get_running_loop().call_later(START_REPORT_DELAY, self._report_started)
-
-    def _report_started(self) -> None:
-        self._start_timer = None
-        if not self._started or self.conn.closed:
-            return
-        # With short jobs, the job the timer was set for has ended and the oldest one running
-        # now is younger than the delay: wait for that one, without waking the connection's
-        # flush for nothing (this timer ticks every START_REPORT_DELAY while jobs stream by).
-        _, began = next(iter(self._started.values()))
-        wait = began + START_REPORT_DELAY - time.time()
-        if wait > _START_SLACK:
-            self._start_timer = asyncio.get_running_loop().call_later(wait, self._report_started)
-            return
-        self.conn.before_flush(self._flush_started)  # with whatever else goes out this turn
-
-    def _flush_started(self, everything: bool = False) -> None:
-        """Report the jobs that have run START_REPORT_DELAY seconds (``everything``: all the
-        jobs running), oldest first; the timer is armed again for the rest. Jobs that ended
-        already were taken out by deliver(): their JobDone went out first."""
-        now = time.time()
-        # Entries are in start order.
-        cutoff = now if everything else now - START_REPORT_DELAY + _START_SLACK
-        due: list[str] = []
-        by_comp: dict[str, list[m.JobStart]] = {}
-        for key, (job, began) in self._started.items():
-            if began > cutoff:
-                if self._start_timer is None and not self.conn.closed:
-                    self._start_timer = asyncio.get_running_loop().call_later(
-                        began + START_REPORT_DELAY - now, self._report_started)
-                break
-            due.append(key)
-            by_comp.setdefault(job.comp.comp_id, []).append(m.JobStart(job.request.job_id, job.request.attempt, began))
-        for key in due:
-            del self._started[key]
-        for comp_id, starts in by_comp.items():
-            self.send(m.JobsStarted(comp_id, tuple(starts)))
-
-    def deliver(self, message: m.JobDone | m.JobProgress | m.JobFile, key: str | None = None) -> None:
-        """Send a job's message; ``key`` is its job's key, if the caller has it at hand.
-
-        A JobDone with little data is held until the connection next writes (the end of this
-        loop turn, or of the read being handled), so that the reports of jobs that end
-        meanwhile travel as one JobsDone: one frame to seal, open and decode. Anything else
-        this session sends first sends the held reports, so messages keep their order. A held
-        report the connection no longer takes when it is sent is kept on disk, as for a client
-        that is away (:func:`keep_report`).
-
-        The caller checks ``conn.closed`` first (a result for a client that is away is kept
-        instead), so this sends without checking again.
-
-        Raises:
-            ConnectionClosedError: the connection is closed or broken.
-        """
-        if key is None:
-            key = job_key(message.comp_id, message.job_id, message.attempt)
-        if type(message) is m.JobDone:
-            # Its end carries its start time. With no job left to report, the timer goes too:
-            # it would only wake the loop for nothing.
-            if self._started.pop(key, None) is not None and not self._started and self._start_timer is not None:
-                self._start_timer.cancel()
-                self._start_timer = None
-            # Inline, not JobDone.data_size: this runs for every job. A view or a tuple is a
-            # large result (or one with out-of-band buffers): not held.
-            result = message.result
-            size = len(message.stdout) + len(message.stderr) + _REPORT_COST
-            if result is not None:
-                size += len(result) if type(result) is bytes else _HOLD_MAX
-            if size < _HOLD_MAX:
-                held = self._reports
-                reports = held.get(message.comp_id)
-                if reports is None:
-                    if not held:
-                        self.conn.before_flush(self._send_reports)  # raises if the connection is closed
-                    reports = held[message.comp_id] = []
-                reports.append(message)
-                self._report_bytes += size
-                if self._report_bytes >= _BATCH_BYTES:
-                    self._send_reports()
-                return
-        elif key in self._started:
-            self._flush_started(everything=True)  # Running reaches the client before the job's first message
-        if self._reports:
-            self._send_reports()
-        self.conn.send(codec.encode_parts(message))
-
-    def _send_reports(self) -> None:
-        """Send the held reports: per computation, one JobsDone (a JobDone if it is one
-        report). Runs as the connection's before_flush hook, and before anything else this
-        session sends. Never raises (it runs inside the connection's flush): reports the
-        connection no longer takes are kept for the client's return."""
-        held = self._reports
-        if not held:
-            return  # sent already, before another message
-        self._reports, self._report_bytes = {}, 0
-        for comp_id, reports in held.items():
-            self._send_held(reports[0] if len(reports) == 1 else m.JobsDone(comp_id, tuple(reports)), reports)
-
-    def _send_held(self, message: m.JobDone | m.JobsDone, reports: list[m.JobDone]) -> None:
-        try:
-            self.conn.send(codec.encode_parts(message))
-        except ConnectionClosedError:
-            for report in reports:
-                keep_report(self.node, self, report)
-        except ValueError as exc:  # over the frame cap
-            if len(reports) == 1:  # lost, as it was unbatched (deliver raised ValueError)
-                log.error("the result of job %s/%s cannot be sent: %s", reports[0].comp_id, reports[0].job_id, exc)
-                return
-            for report in reports:  # together only: one by one
-                self._send_held(report, [report])
-
-
-@dataclass(eq=False)
-class PendingAdd:
-    """One AddFiles being received; ``error`` once it failed (reported in FilesAdded)."""
-
-    msg: m.AddFiles
-    error: str | None = None
-
-
-def keep_report(node: NodeServices, session: ClientSession | None, message: m.JobDone) -> None:
-    """Keep a job's report on disk for its client's return (``session``: the one whose
-    connection would not take it), within the node's budget for kept results, as for a client
-    that is away; sent instead if its computation has a live session of its own by now; dropped
-    if the computation is gone (nobody wants it)."""
-    comp = node.comps.get(message.comp_id)
-    if comp is None:
-        return
-    owner = comp.owner
-    if owner is not None and owner is not session and not owner.conn.closed:
-        try:
-            owner.deliver(message)
-            return
-        except (ConnectionClosedError, OSError):
-            pass
-    if sum(c.kept_bytes for c in node.comps.values()) + message.data_size > node.max_kept_bytes:
-        log.warning("kept-results budget (%d bytes) full: dropping the result of job %s/%s", node.max_kept_bytes,
-                    message.comp_id, message.job_id)
-        message = m.JobDone(message.comp_id, message.job_id, message.attempt, "exception", None, None,
-                            "ResultDropped", "the node's budget for kept results was full; the result was dropped",
-                            None, b"", b"", message.start_time, message.end_time, message.cpu_time, message.exit_code)
-    comp.keep(message)
-
-
-def job_done_message(job: QueuedJob, o: JobOutcome) -> m.JobDone:
-    """The report of one job's end, with the node's view of why it was stopped."""
-    status, exc_message = o.status, o.exc_message
-    if job.timed_out and status == "terminated":
-        exc_message = f"the job ran longer than its timeout of {job.request.timeout:g}s and was terminated"
-    elif job.cancelled and status in ("terminated", "cancelled"):
-        status = "cancelled"
-    return m.JobDone(
-        job.comp.comp_id, job.request.job_id, job.request.attempt, status, o.result, o.exception,
-        o.exc_type, exc_message, o.traceback, o.stdout, o.stderr, o.start_time, o.end_time,
-        o.cpu_time, o.exit_code,
-    )

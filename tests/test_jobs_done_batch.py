@@ -1,4 +1,4 @@
-"""Job reports that leave a node in one write travel as one JobsDone (node_session.deliver).
+"""Job reports that leave a node in one write travel as one JobsDone (_node_reports.Outbox.deliver).
 
 Shown on the codec; on a node's ClientSession over a real loopback Connection (what one loop
 turn's reports become on the wire, their order against other messages, a connection that
@@ -207,7 +207,7 @@ async def test_a_batch_leaves_early_past_its_budget(pair):
 async def test_deliver_raises_when_the_connection_is_closed(pair):
     pair.session.conn.close()
     with pytest.raises(ConnectionClosedError):
-        pair.session.deliver(report("late"))  # the node keeps it instead (NodeServer._report)
+        pair.session.deliver(report("late"))  # the node keeps it instead (RunQueue._report)
 
 
 async def test_held_reports_are_kept_for_the_client_when_the_connection_breaks_before_they_leave(pair):

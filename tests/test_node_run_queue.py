@@ -1,7 +1,7 @@
-"""The node's run queue (NodeServer.enqueue/_pump), driven over a real connection to an
-in-process node with real worker processes: strict FIFO over CPU slots, and a job that leaves
-the head of the queue (cancelled, or recalled by work stealing) lets the jobs behind it start
-at once instead of when the next running job ends."""
+"""The node's run queue (clusterpy._runqueue: RunQueue.enqueue/_pump), driven over a real
+connection to an in-process node with real worker processes: strict FIFO over CPU slots, and a
+job that leaves the head of the queue (cancelled, or recalled by work stealing) lets the jobs
+behind it start at once instead of when the next running job ends."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """WorkerPool.try_queue: a job written to a busy worker, to start the moment the short job
-before it ends, with real worker processes; and the node using it (NodeServer._queue_behind).
+before it ends, with real worker processes; and the node using it (RunQueue._queue_behind).
 
 The pool queues a job behind another only when that one is surely short (QUICK_JOB, after
 QUICK_STREAK short jobs of its computation); tests that need a job to wait behind a long one
