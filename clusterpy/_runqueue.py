@@ -82,11 +82,10 @@ class RunQueue:
         job.cpus = min(max(1, job.request.cpus), self.cpus)
         if self._queue or job.cpus > self._slots:
             # The head of a non-empty queue needs more slots than are free (slots are freed,
-            # and the head leaves, only where _pump runs next), and nothing may pass it:
-            # pumping now would start nothing.
+            # and the head leaves, only where _pump runs next), and nothing may pass it: the
+            # pump starts nothing, but may write the head to a busy worker (_queue_behind).
             self._queue.append(job)
-            if self.pool.can_queue(job.comp.comp_id):
-                self._queue_behind()
+            self._pump()
             return
         self._slots -= job.cpus
         self._start(job)
@@ -144,12 +143,8 @@ class RunQueue:
         queued first again, or, if cancelled meanwhile, reported so."""
         job.behind = False
         if job.cancelled:
-            job.done = True
-            if job.ended is not None and not job.ended.done():
-                job.ended.set_result(None)
-            now = time.time()
-            self._report(job, JobOutcome(
-                job.key, "cancelled", None, None, None, None, None, b"", b"", now, now, 0.0, None))
+            _end(job)  # it holds no slot
+            self._report(job, _cancelled(job))
         elif not self._closed.is_set():
             self._queue.appendleft(job)
             self._pump()
@@ -193,13 +188,8 @@ class RunQueue:
         self._report(job, outcome)
 
     def _over(self, job: QueuedJob) -> None:
-        if job.done:
+        if not _end(job):
             return
-        job.done = True
-        if job.timer is not None:
-            job.timer.cancel()
-        if job.ended is not None and not job.ended.done():
-            job.ended.set_result(None)
         self._slots += job.cpus
         if self._queue:
             self._pump()
@@ -234,9 +224,7 @@ class RunQueue:
         job.cancelled = True
         if not job.started and not job.behind:
             self._dequeue(job)
-            now = time.time()
-            self._report(job, JobOutcome(
-                job.key, "cancelled", None, None, None, None, None, b"", b"", now, now, 0.0, None))
+            self._report(job, _cancelled(job))
         else:
             await self.pool.terminate(job.key)
 
@@ -279,6 +267,24 @@ class RunQueue:
             except (ClusterError, OSError):
                 pass  # the connection broke just now: kept, as for a client that is away
         keep_report(self.node, owner, message)
+
+
+def _end(job: QueuedJob) -> bool:
+    """Mark ``job`` over (its timer stopped, its waiters told); False if it was already."""
+    if job.done:
+        return False
+    job.done = True
+    if job.timer is not None:
+        job.timer.cancel()
+    if job.ended is not None and not job.ended.done():
+        job.ended.set_result(None)
+    return True
+
+
+def _cancelled(job: QueuedJob) -> JobOutcome:
+    """The outcome of a job cancelled before it ran."""
+    now = time.time()
+    return JobOutcome(job.key, "cancelled", None, None, None, None, None, b"", b"", now, now, 0.0, None)
 
 
 def _node_failure(job: QueuedJob, exc: Exception) -> JobOutcome:

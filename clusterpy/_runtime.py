@@ -288,15 +288,8 @@ class _Runtime:
     def link_message(self, link: NodeLink, msg: object) -> None:
         assert isinstance(link, _NodeLink)
         if link.joined:
-            if type(msg) is m.JobDone:  # every job's report: straight to its handler
+            if type(msg) is m.JobDone:  # every job's report (a JobsDone's too: NodeLink unpacks it)
                 self._on_done(link, msg)
-            elif type(msg) is m.JobsDone:  # the reports of one write (the codec checked them)
-                on_done = self._on_done
-                for report in msg.reports:
-                    try:  # each as if it came alone: a bug handling one does not lose the rest
-                        on_done(link, report)
-                    except Exception:
-                        log.exception("error handling JobDone from node %s", link.name)
             else:
                 self.on_message(link, msg)
 

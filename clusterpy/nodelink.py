@@ -233,10 +233,14 @@ class NodeLink:
         if kind is m.Ping:
             self.send(m.Pong(msg.sent))
             return True
-        try:
-            self.owner.link_message(self, msg)
-        except Exception:  # a bug of ours must be loud, but must not stall the link
-            log.exception("error handling %s from node %s", type(msg).__name__, self.name)
+        owner = self.owner
+        # A JobsDone holds the reports of one write (the codec checked them): each is handed on
+        # as if it had come alone, so the owners know only JobDone.
+        for one in msg.reports if kind is m.JobsDone else (msg,):
+            try:
+                owner.link_message(self, one)
+            except Exception:  # a bug of ours must be loud, but must not stall the link (or the rest)
+                log.exception("error handling %s from node %s", type(one).__name__, self.name)
         return True
 
     async def _serve(self, conn: Connection) -> None:

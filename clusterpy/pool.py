@@ -377,19 +377,19 @@ class WorkerPool:
         caller runs it elsewhere. :meth:`terminate` asks the worker to skip a job still
         waiting (it then ends "cancelled", or, if it had started, as it ended).
         """
-        queueable = self._queueable
-        if not queueable or self._state != "open" or job.job_id in self._running or job.job_id in self._behind:
+        if not self.can_queue(job.comp_id) or self._state != "open" or job.job_id in self._running \
+                or job.job_id in self._behind:
             return False
         spec = self._specs.get(job.comp_id)
-        if spec is None or self._quick.get(job.comp_id, 0) < QUICK_STREAK:
+        if spec is None:
             return False
-        now = time.time()
-        for worker in queueable:
+        queueable, now = self._queueable, time.time()
+        for worker in queueable:  # each runs a try_run or try_queue job: its pending is a _ReplyHook
             head = worker.pending
-            if (type(head) is not _ReplyHook and type(head) is not _QueuedHook) or head.job.comp_id != job.comp_id \
-                    or now - head.start >= QUICK_JOB or worker.killed or worker.loaded.get(job.comp_id) is not spec:
-                continue
-            break
+            assert isinstance(head, _ReplyHook)
+            if head.job.comp_id == job.comp_id and now - head.start < QUICK_JOB and not worker.killed \
+                    and worker.loaded.get(job.comp_id) is spec:
+                break
         else:
             return False
         del queueable[worker]

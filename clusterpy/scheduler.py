@@ -277,13 +277,7 @@ class SchedulerServer:
 
     def link_message(self, link: NodeLink, msg: object) -> None:
         assert link.node_id is not None
-        if type(msg) is m.JobsDone:  # the reports of one write (the codec checked them): each as if alone
-            for report in msg.reports:
-                try:
-                    self.link_message(link, report)
-                except Exception:
-                    log.exception("error handling JobDone from node %s", link.name)
-        elif isinstance(msg, m.JobDone):
+        if isinstance(msg, m.JobDone):  # (a JobsDone's reports come one by one: NodeLink unpacks it)
             key = f"{msg.comp_id}/{msg.job_id}"
             actions = self.core.handle(JobReported(link.node_id, key, msg.attempt, worker_died=msg.status == "died"))
             if actions and isinstance(actions[0], DeliverResult):

@@ -143,15 +143,13 @@ class _Worker:
                 if command is None or command[0] == "exit":
                     break
                 op = command[0]
-                if op == "run":
+                if op == "run" or op == "next":
+                    # A "next" was sent while the job before it ran: it may have been called off.
+                    if op == "next" and self.reader.take_skip(command[1]):
+                        self.send(("skipped", command[1]))
+                        continue
                     fields = self.run(*command[1:])
                     self.send(("done", fields), _reply_size(fields))
-                elif op == "next":  # sent while the job before it ran: it may have been called off
-                    if self.reader.take_skip(command[1]):
-                        self.send(("skipped", command[1]))
-                    else:
-                        fields = self.run(*command[1:])
-                        self.send(("done", fields), _reply_size(fields))
                 elif op == "skip":
                     pass  # for a job that had started already: its reply says how it ended
                 elif op == "load":
