@@ -196,6 +196,22 @@ async def test_a_job_whose_worker_dies_before_its_turn_is_given_back(tmp_path: P
     assert len(done.got) == 1, "a job given back does not end here"
 
 
+async def test_a_worker_giving_a_job_back_takes_no_other(one_worker):
+    """What the give-back starts (the node queues the job again at once) must not write a
+    job behind the worker that is exiting: nothing would ever give that one back."""
+    pool, done, calls = one_worker
+    assert pool.try_run(job("sleep", 30), done)
+    (pid,) = pool.pids
+    taken: list[bool] = []
+    assert pool.try_queue(job("pid"), done, calls.start,
+                          lambda: taken.append(pool.try_queue(job("pid"), done, calls.start, calls.give_back)))
+    os.kill(pid, signal.SIGKILL)
+    (first,) = await done.wait(1)
+    assert first.status == "died"
+    assert taken == [False]
+    assert pool.queued == 0
+
+
 async def test_terminating_the_job_before_kills_it_and_gives_the_queued_one_back(one_worker):
     pool, done, calls = one_worker
     head = job("sleep", 30)
