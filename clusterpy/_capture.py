@@ -1,5 +1,6 @@
-"""A worker's output files: the worker's side (:class:`Output`) and the node's (collecting the
-output of a worker that died, removing the files of one that exited).
+"""A worker's output files: the worker's side (:class:`Output`) and the node's (the pool's
+capture directory, collecting the output of a worker that died, removing the files of one
+that exited).
 
 Each worker has two files in the pool's capture directory, ``<pid>.out`` and ``<pid>.err``,
 named after its pid so that the pool can find them when the worker dies mid-job. They hold
@@ -21,7 +22,7 @@ except ImportError:  # not CPython
     _getsignal = signal.getsignal
 
 __all__ = ["Output", "OUTPUT_CAP", "read_capped", "read_capped_fd", "collect_output", "remove_output",
-           "output_base"]
+           "output_base", "make_capture_dir"]
 
 #: Bytes of stdout (and separately of stderr) kept per job; the middle of longer output is cut.
 OUTPUT_CAP = 16 * 1024 * 1024
@@ -30,6 +31,39 @@ _READ_CHUNK = 64 * 1024
 #: os.waitid (Linux and most Unixes; not macOS): finds children without reaping them.
 _waitid = getattr(os, "waitid", None)
 _SIGCHLD, _SIG_IGN = int(signal.SIGCHLD), int(signal.SIG_IGN)
+
+
+def make_capture_dir() -> str:
+    """Make a pool's capture directory (named after this process), first removing those of
+    pools whose node process died without cleaning up (SIGKILL)."""
+    import tempfile  # here: the node's side (the worker imports this module too)
+
+    _remove_stale_capture_dirs(tempfile.gettempdir())
+    return tempfile.mkdtemp(prefix=f"clusterpy-pool-{os.getpid()}-")
+
+
+def _remove_stale_capture_dirs(tmp: str) -> None:
+    """Remove the capture directories in ``tmp`` left by pools whose node process died without
+    cleaning up (SIGKILL): they are named after that process's pid and owned by us."""
+    import shutil
+
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) != 4 or parts[:2] != ["clusterpy", "pool"] or not parts[2].isdigit():
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(parts[2]), 0)  # that node still runs: its directory is in use
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
 
 
 def output_base(capture_dir: str, pid: int) -> str:
@@ -41,18 +75,20 @@ class Output:
     """Fds 1 and 2 (and so sys.stdout/sys.stderr) of the worker during a call: two capture
     files ``<base>.out``/``.err``, kept open and reused from call to call.
 
-    Use ``with output as capture:`` around a call, then ``capture.read()`` (or ``discard()``);
-    :meth:`children_cpu` inside the block gives the CPU of the children reaped since entering.
-    Between calls fds 1 and 2 are /dev/null. Entering points them at the files, emptied first
-    if the last call wrote to them: two ``dup2``, one ``waitid`` and one ``getrusage`` in the
-    usual case; leaving is two more ``dup2`` and reading one ``pread`` per file. (A fresh pair
-    of files per call, created, opened again to read and unlinked, costs 20 system calls, two
-    of them directory changes, and most of a trivial job's time in the worker.)
+    Use ``with output as capture:`` around a call, then ``capture.read()`` (or ``discard()``)
+    and ``capture.children_cpu``: the CPU of the children reaped during the call. Between
+    calls fds 1 and 2 are /dev/null. Entering points them at the files, emptied first if the
+    last call wrote to them: two ``dup2`` in the usual case; leaving is two more ``dup2``, one
+    ``waitid`` and one ``getrusage``, and reading one ``pread`` per file. (A fresh pair of files
+    per call, created, opened again to read and unlinked, costs 20 system calls, two of them
+    directory changes, and most of a trivial job's time in the worker.)
 
     The guarantee the fresh-file-per-job design gave is kept: a process a call started that
-    outlives it keeps the open file it inherited, so if one may still exist, entering makes
-    **new** files (the process keeps writing into the old, unlinked one) instead of emptying
-    the shared ones. Such a process is a descendant of this worker; it may exist only if
+    outlives it keeps the open file it inherited, so if one may still exist, the next call
+    makes **new** files (the process keeps writing into the old, unlinked one) instead of
+    emptying the shared ones. Such a process is a descendant of this worker that was started
+    while fds 1 and 2 were the files (one started between calls gets /dev/null); so leaving a
+    call, once they are /dev/null again, one may exist only if
 
     - the worker has a child (running or a zombie: ``waitid(WNOHANG|WNOWAIT)`` finds one), or
     - a child was reaped since the files were last made or checked: its orphans (a shell's
@@ -60,6 +96,14 @@ class Output:
       any change in ``getrusage(RUSAGE_CHILDREN)`` counts (a process that ran at all has
       page faults), or
     - SIGCHLD is ignored (children are then reaped by the kernel and leave no usage).
+
+    The same ``getrusage`` gives the call's ``children_cpu``: the usage it is compared with
+    was read when the last call left (or when files were made), and the children's usage
+    changes only when one is reaped. A child reaped between calls either existed when the last
+    call left (it was found then: the next call makes new files, with a new reading), or was
+    started between calls: by the worker (a computation's cleanup: :meth:`recount` after it),
+    or by a thread a job left running, whose own CPU counts for whatever call runs meanwhile,
+    and so does that of the children it starts and reaps between calls, for the next call.
 
     A job that runs ``subprocess.run`` (every program job) thus makes the next call use fresh
     files, and a job that leaves a child running makes every call do so while it lives.
@@ -73,6 +117,10 @@ class Output:
         self.devnull = devnull
         self.fds = [-1, -1]
         self.written = [False, False]  # the file may hold bytes since it was last emptied
+        #: CPU seconds of the child processes reaped during the last call (set as it ends).
+        self.children_cpu = 0.0
+        # Whether a process may hold the files (found as the last call ended): make new ones.
+        self._shared = True
         # getrusage(RUSAGE_CHILDREN) when the files were last made or checked: every field of
         # it stays the same until a child is reaped.
         self._children_usage: resource.struct_rusage | None = None
@@ -81,7 +129,7 @@ class Output:
 
     def __enter__(self) -> Output:
         _flush_std()  # what the worker printed between calls belongs to no call
-        if self.fds[0] < 0 or self._may_be_shared():
+        if self._shared:
             self._replace()
         else:
             for i, fd in enumerate(self.fds):
@@ -102,14 +150,13 @@ class Output:
         _flush_std()  # ... and the worker's own, which the call may have written to too
         os.dup2(self.devnull, 1)
         os.dup2(self.devnull, 2)
+        # Only now: a process started from here on gets /dev/null, not the files.
+        self._check_children()
 
-    def children_cpu(self) -> float:
-        """CPU seconds of the child processes reaped (waited for) since the call began."""
-        start = self._children_usage
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if start is None or usage == start:  # none reaped (the usual case)
-            return 0.0
-        return (usage.ru_utime + usage.ru_stime) - (start.ru_utime + start.ru_stime)
+    def recount(self) -> None:
+        """Children reaped outside a call (by a computation's cleanup) held /dev/null and
+        count for no call: the next call's ``children_cpu`` counts from now."""
+        self._children_usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 
     def read(self) -> tuple[bytes, bytes]:
         """The call's output (capped: see read_capped); call after the ``with`` block."""
@@ -136,7 +183,8 @@ class Output:
                 self.fds[i] = -1
                 _unlink(self.paths[i])
 
-    def _may_be_shared(self) -> bool:
+    def _check_children(self) -> None:
+        """Set ``children_cpu`` and whether a process may hold the files (see the class)."""
         # waitid first: a child reaped after it is then counted in the usage read below.
         shared = False
         if _waitid is None or _getsignal(_SIGCHLD) == _SIG_IGN:
@@ -148,14 +196,20 @@ class Output:
             except ChildProcessError:
                 pass
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        if usage != self._children_usage:  # compared as tuples of all the fields
+        start = self._children_usage
+        if usage == start:  # compared as tuples of all the fields: none reaped (the usual case)
+            self.children_cpu = 0.0
+        else:
+            self.children_cpu = 0.0 if start is None else \
+                (usage.ru_utime + usage.ru_stime) - (start.ru_utime + start.ru_stime)
             self._children_usage = usage
             shared = True
-        return shared
+        self._shared = shared
 
     def _replace(self) -> None:
-        if self.fds[0] < 0:  # the first call: note the children's usage from here on
-            self._may_be_shared()
+        # The usage the next call's children are counted from (one reaped since the last call
+        # left is not this call's).
+        self.recount()
         for i, path in enumerate(self.paths):
             _unlink(path)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

@@ -43,7 +43,8 @@ class OwnerSession(Protocol):
     comps: dict[str, "Computation"]
 
     def started(self, job: "QueuedJob") -> None: ...
-    def deliver(self, message: m.JobDone | m.JobProgress | m.JobFile, key: str | None = None) -> None: ...
+    def deliver(self, message: m.JobDone | m.JobProgress | m.JobFile, key: str | None = None, *,
+                last: bool = False) -> None: ...
 
 
 @dataclass(eq=False, slots=True)

@@ -6,7 +6,8 @@
         -> Outbox.started(job)    a job got its slots: reported (JobsStarted) only if it still runs
                                   START_REPORT_DELAY later, else its JobDone says it all
         -> Outbox.deliver(JobDone) held until the connection next writes (its before_flush hook),
-                                  then one JobsDone per computation; a large report goes at once
+                                  then one JobsDone per computation; a large report goes at once,
+                                  and so does the last of a turn (nothing else runs on the node)
         -> Outbox.deliver(JobProgress | JobFile)   at once, after what is held
     ClientSession.send(anything else) = Outbox.send: after the held reports (order kept)
     a report the connection no longer takes -> keep_report: on disk for its client's return
@@ -65,12 +66,17 @@ class Outbox:
         node: where a report the connection no longer takes is kept (:func:`keep_report`).
         session: the session this is the outbox of (such a report is not handed back to it).
         conn: the session's connection.
+
+    Made in the event loop it runs in.
     """
 
     def __init__(self, node: KeptResults, session: OwnerSession, conn: Connection) -> None:
         self.node = node
         self.session = session
         self.conn = conn
+        # Kept: asyncio.get_running_loop() makes a getpid() system call (it checks for a fork),
+        # and started() arms a timer for most jobs.
+        self._loop = asyncio.get_running_loop()
         self._started: dict[str, tuple[QueuedJob, float]] = {}  # job key -> (job, its start) not yet reported
         self._start_timer: asyncio.TimerHandle | None = None
         # Reports held for the next write (comp_id -> reports, in the order they came) and
@@ -98,7 +104,7 @@ class Outbox:
             return  # the client is away: it learns of the job from its result
         self._started[job.key] = (job, time.time())
         if self._start_timer is None:
-            self._start_timer = asyncio.get_running_loop().call_later(START_REPORT_DELAY, self._report_started)
+            self._start_timer = self._loop.call_later(START_REPORT_DELAY, self._report_started)
 
     def _report_started(self) -> None:
         self._start_timer = None
@@ -110,7 +116,7 @@ class Outbox:
         _, began = next(iter(self._started.values()))
         wait = began + START_REPORT_DELAY - time.time()
         if wait > _START_SLACK:
-            self._start_timer = asyncio.get_running_loop().call_later(wait, self._report_started)
+            self._start_timer = self._loop.call_later(wait, self._report_started)
             return
         self.conn.before_flush(self._flush_started)  # with whatever else goes out this turn
 
@@ -126,7 +132,7 @@ class Outbox:
         for key, (job, began) in self._started.items():
             if began > cutoff:
                 if self._start_timer is None and not self.conn.closed:
-                    self._start_timer = asyncio.get_running_loop().call_later(
+                    self._start_timer = self._loop.call_later(
                         began + START_REPORT_DELAY - now, self._report_started)
                 break
             due.append(key)
@@ -136,7 +142,8 @@ class Outbox:
         for comp_id, starts in by_comp.items():
             self.send(m.JobsStarted(comp_id, tuple(starts)))
 
-    def deliver(self, message: m.JobDone | m.JobProgress | m.JobFile, key: str | None = None) -> None:
+    def deliver(self, message: m.JobDone | m.JobProgress | m.JobFile, key: str | None = None, *,
+                last: bool = False) -> None:
         """Send a job's message; ``key`` is its job's key, if the caller has it at hand.
 
         A JobDone with little data is held until the connection next writes (the end of this
@@ -145,6 +152,11 @@ class Outbox:
         this session sends first sends the held reports, so messages keep their order. A held
         report the connection no longer takes when it is sent is kept on disk, as for a client
         that is away (:func:`keep_report`).
+
+        ``last``: the caller knows that no other report can join this one in this loop turn
+        (nothing else runs on the node): it is written now, with those held, instead of a
+        loop turn later (a lone job's round trip saves that turn). Sent alone, it is kept on
+        disk, not raised about, if the connection no longer takes it.
 
         The caller checks ``conn.closed`` first (a result for a client that is away is kept
         instead), so this sends without checking again.
@@ -155,34 +167,50 @@ class Outbox:
         if key is None:
             key = job_key(message.comp_id, message.job_id, message.attempt)
         if type(message) is m.JobDone:
-            # Its end carries its start time. With no job left to report, the timer goes too:
-            # it would only wake the loop for nothing.
-            if self._started.pop(key, None) is not None and not self._started and self._start_timer is not None:
-                self._start_timer.cancel()
-                self._start_timer = None
+            # Its end carries its start time. With no job left to report, the timer goes too
+            # (it would only wake the loop for nothing), once the report is on its way.
+            idle = self._started.pop(key, None) is not None and not self._started
             # Inline, not JobDone.data_size: this runs for every job. A view or a tuple is a
             # large result (or one with out-of-band buffers): not held.
             result = message.result
             size = len(message.stdout) + len(message.stderr) + _REPORT_COST
             if result is not None:
                 size += len(result) if type(result) is bytes else _HOLD_MAX
-            if size < _HOLD_MAX:
-                held = self._reports
-                reports = held.get(message.comp_id)
-                if reports is None:
-                    if not held:
-                        self.conn.before_flush(self._send_reports)  # raises if the connection is closed
-                    reports = held[message.comp_id] = []
-                reports.append(message)
-                self._report_bytes += size
-                if self._report_bytes >= _BATCH_BYTES:
-                    self._send_reports()
-                return
-        elif key in self._started:
+            if size >= _HOLD_MAX:
+                self._send_at_once(message, now=last)
+            elif last and not self._reports:  # alone: nothing to wait for
+                self._send_held(message, [message], now=True)
+            else:
+                self._hold(message, size, last)
+            if idle and self._start_timer is not None:
+                self._start_timer.cancel()
+                self._start_timer = None
+            return
+        if key in self._started:
             self._flush_started(everything=True)  # Running reaches the client before the job's first message
+        self._send_at_once(message)
+
+    def _send_at_once(self, message: m.JobDone | m.JobProgress | m.JobFile, now: bool = False) -> None:
+        """Send ``message`` after the held reports (``now``: written at once)."""
         if self._reports:
             self._send_reports()
-        self.conn.send(codec.encode_parts(message))
+        self.conn.send(codec.encode_parts(message), now=now)
+
+    def _hold(self, report: m.JobDone, size: int, last: bool) -> None:
+        """Hold ``report`` (``size``: what it counts against _BATCH_BYTES) for the next write
+        (at once if ``last``)."""
+        held = self._reports
+        reports = held.get(report.comp_id)
+        if reports is None:
+            if not held:
+                self.conn.before_flush(self._send_reports)  # raises if the connection is closed
+            reports = held[report.comp_id] = []
+        reports.append(report)
+        self._report_bytes += size
+        if last:
+            self.conn.flush()  # runs _send_reports, the before_flush hook
+        elif self._report_bytes >= _BATCH_BYTES:
+            self._send_reports()
 
     def _send_reports(self) -> None:
         """Send the held reports: per computation, one JobsDone (a JobDone if it is one
@@ -196,9 +224,11 @@ class Outbox:
         for comp_id, reports in held.items():
             self._send_held(reports[0] if len(reports) == 1 else m.JobsDone(comp_id, tuple(reports)), reports)
 
-    def _send_held(self, message: m.JobDone | m.JobsDone, reports: list[m.JobDone]) -> None:
+    def _send_held(self, message: m.JobDone | m.JobsDone, reports: list[m.JobDone], now: bool = False) -> None:
+        """Send ``message`` (the held ``reports``; ``now``: written at once, with what is
+        queued before it); reports the connection no longer takes are kept. Never raises."""
         try:
-            self.conn.send(codec.encode_parts(message))
+            self.conn.send(codec.encode_parts(message), now=now)
         except ConnectionClosedError:
             for report in reports:
                 keep_report(self.node, self.session, report)

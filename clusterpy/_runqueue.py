@@ -10,7 +10,8 @@
         -> WorkerPool.try_queue when every slot is taken (_queue_behind): the head of the
            queue is written to a worker running a short job of its computation, to start the
            moment that one ends (_turn_came), or given back if the worker exits first
-        -> _report: JobDone to the owning session's outbox (_node_reports.Outbox.deliver), or
+        -> _report: JobDone to the owning session's outbox (_node_reports.Outbox.deliver; marked
+           the last of its loop turn when nothing else runs, so it is written at once), or
            kept on disk while its client is away (keep_report)
     CancelJob / timeout -> cancel / _time_out -> WorkerPool.terminate; RecallJobs -> recall
 
@@ -25,6 +26,7 @@ import collections
 import logging
 import time
 import traceback
+from functools import partial
 from typing import Callable
 
 from ._node_jobs import QueuedJob
@@ -78,8 +80,10 @@ class RunQueue:
         """Queue ``job`` behind the others (strict FIFO): it starts at once only if none waits
         ahead of it and its CPU slots are free."""
         # The slots it takes: what it asked for, at most the whole node (then it runs alone).
-        # Set once here, so the run queue compares integers.
-        job.cpus = min(max(1, job.request.cpus), self.cpus)
+        # Set once here, so the run queue compares integers. (Not min(max()): the builtins
+        # parse keyword arguments, four times the instructions of these comparisons.)
+        cpus = job.request.cpus
+        job.cpus = 1 if cpus < 1 else self.cpus if cpus > self.cpus else cpus
         if self._queue or job.cpus > self._slots:
             # The head of a non-empty queue needs more slots than are free (slots are freed,
             # and the head leaves, only where _pump runs next), and nothing may pass it: the
@@ -96,8 +100,7 @@ class RunQueue:
         starve it. Called whenever slots are freed or the head of the queue leaves it."""
         while (job := self._head()) is not None:
             if job.cpus > self._slots:
-                if self.pool.can_queue(job.comp.comp_id):
-                    self._queue_behind()
+                self._queue_behind()
                 break
             self._queue.popleft()
             self._slots -= job.cpus
@@ -118,17 +121,20 @@ class RunQueue:
         the short job before it ends (WorkerPool.try_queue), so that a stream of short jobs
         does not leave a worker waiting for this process between two of them. Only 1-CPU
         jobs without a timeout (a timeout runs from the start), in queue order."""
+        pool = self.pool
         while (job := self._head()) is not None:
             req = job.request
-            if job.cpus != 1 or (req.timeout is not None and req.timeout > 0) or not self._try_queue(job):
+            # can_queue first: what try_queue takes is made only for a job it takes.
+            if job.cpus != 1 or (req.timeout is not None and req.timeout > 0) \
+                    or not pool.can_queue(job.comp.comp_id) or not self._try_queue(job):
                 return
             self._queue.popleft()
             job.behind = True
 
     def _try_queue(self, job: QueuedJob) -> bool:
-        return self.pool.try_queue(WorkerJob(job.key, job.comp.comp_id, job.request.args),
-                                   lambda outcome: self._ended(job, outcome), lambda: self._turn_came(job),
-                                   lambda: self._given_back(job), on_message=lambda msg: self._job_message(job, msg))
+        return self.pool.try_queue(WorkerJob(job.key, job.comp.comp_id, job.request.args), partial(self._ended, job),
+                                   partial(self._turn_came, job), partial(self._given_back, job),
+                                   on_message=partial(self._job_message, job))
 
     def _turn_came(self, job: QueuedJob) -> None:
         """A job queued behind another on a worker starts: it takes the slot that one frees."""
@@ -156,19 +162,21 @@ class RunQueue:
         job.started = True
         req = job.request
         comp = job.comp
+        work = WorkerJob(job.key, comp.comp_id, req.args)
+        on_message = partial(self._job_message, job)
+        try:
+            running = self.pool.try_run(work, partial(self._ended, job), on_message=on_message)
+        except Exception as exc:
+            self._ended(job, _node_failure(job, exc))
+            return
+        # Once the job is on its way to its worker (it runs meanwhile, which shortens a lone
+        # job's round trip): its start noted, its timeout armed.
         if comp.owner is not None:
             comp.owner.started(job)
         if req.timeout is not None and req.timeout > 0:
             job.timer = asyncio.get_running_loop().call_later(req.timeout, self._time_out, job)
-        work = WorkerJob(job.key, comp.comp_id, req.args)
-        on_message = (lambda msg: self._job_message(job, msg))
-        try:
-            if self.pool.try_run(work, lambda outcome: self._ended(job, outcome), on_message=on_message):
-                return
-        except Exception as exc:
-            self._ended(job, _node_failure(job, exc))
-            return
-        job.task = self._spawn(self._run(job, work, on_message))  # type: ignore[assignment]
+        if not running:
+            job.task = self._spawn(self._run(job, work, on_message))  # type: ignore[assignment]
 
     async def _run(self, job: QueuedJob, work: WorkerJob, on_message: Callable[[JobMessage], None]) -> None:
         try:
@@ -262,7 +270,9 @@ class RunQueue:
         owner = comp.owner
         if owner is not None and not owner.conn.closed:
             try:
-                owner.deliver(message, job.key)
+                # Nothing else in flight (a lone job's round trip): no other report can join
+                # this one in this loop turn, so it need not wait for the turn's end.
+                owner.deliver(message, job.key, last=self._slots == self.cpus and not self._queue)
                 return
             except (ClusterError, OSError):
                 pass  # the connection broke just now: kept, as for a client that is away

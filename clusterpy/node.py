@@ -14,7 +14,8 @@ Data flow inside one node::
                    written to a worker running a short job of its computation, to start the
                    moment that one ends (the worker does not wait for the node in between)
                 -> JobDone to the owning client through its session's Outbox (_node_reports.py:
-                   the reports of one loop turn leave together, as one JobsDone), or kept on
+                   the reports of one loop turn leave together, as one JobsDone; with nothing
+                   else running, at once, in the turn that read the worker's reply), or kept on
                    disk while that client is away (crash recovery, partitions)
             CancelJob / timeout -> WorkerPool.terminate
 

@@ -53,13 +53,12 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ._capture import collect_output, output_base, remove_output
+from ._capture import collect_output, make_capture_dir, output_base, remove_output
 from . import _userdata
 from ._channel import pipe_size_for
 from ._poolworker import EXIT_FLUSH_DELAY, _QueuedHook, _ReplyHook, _Worker, _WorkerGone, _WorkerProtocol, _describe_exit
@@ -157,8 +156,7 @@ class WorkerPool:
         if self._state != "new":
             raise RuntimeError("a WorkerPool can be started only once")
         self._state = "open"
-        _remove_stale_capture_dirs()
-        self._capture_dir = tempfile.mkdtemp(prefix=f"clusterpy-pool-{os.getpid()}-")
+        self._capture_dir = make_capture_dir()
         began = time.monotonic()
         try:
             async with asyncio.TaskGroup() as group:
@@ -360,8 +358,26 @@ class WorkerPool:
         return True
 
     def can_queue(self, comp_id: str) -> bool:
-        """Whether :meth:`try_queue` may take a job of ``comp_id`` now (a cheap first look)."""
-        return bool(self._queueable) and self._quick.get(comp_id, 0) >= QUICK_STREAK
+        """Whether :meth:`try_queue` would take a job of ``comp_id`` now (to call before making
+        what it takes; it can still refuse a job whose id already runs or waits)."""
+        return self._queue_target(comp_id) is not None
+
+    def _queue_target(self, comp_id: str) -> _Worker | None:
+        """The worker a job of ``comp_id`` would be queued behind (see try_queue), if any."""
+        queueable = self._queueable
+        if not queueable or self._quick.get(comp_id, 0) < QUICK_STREAK or self._state != "open":
+            return None
+        spec = self._specs.get(comp_id)
+        if spec is None:
+            return None
+        now = time.time()
+        for worker in queueable:  # each runs a try_run or try_queue job: its pending is a _ReplyHook
+            head = worker.pending
+            assert isinstance(head, _ReplyHook)
+            if head.job.comp_id == comp_id and now - head.start < QUICK_JOB and not worker.killed \
+                    and worker.loaded.get(comp_id) is spec:
+                return worker
+        return None
 
     def try_queue(self, job: WorkerJob, on_done: Callable[[JobOutcome], None], on_start: Callable[[], None],
                   on_give_back: Callable[[], None], *,
@@ -377,22 +393,12 @@ class WorkerPool:
         caller runs it elsewhere. :meth:`terminate` asks the worker to skip a job still
         waiting (it then ends "cancelled", or, if it had started, as it ended).
         """
-        if not self.can_queue(job.comp_id) or self._state != "open" or job.job_id in self._running \
-                or job.job_id in self._behind:
+        if job.job_id in self._running or job.job_id in self._behind:
             return False
-        spec = self._specs.get(job.comp_id)
-        if spec is None:
+        worker = self._queue_target(job.comp_id)
+        if worker is None:
             return False
-        queueable, now = self._queueable, time.time()
-        for worker in queueable:  # each runs a try_run or try_queue job: its pending is a _ReplyHook
-            head = worker.pending
-            assert isinstance(head, _ReplyHook)
-            if head.job.comp_id == job.comp_id and now - head.start < QUICK_JOB and not worker.killed \
-                    and worker.loaded.get(job.comp_id) is spec:
-                break
-        else:
-            return False
-        del queueable[worker]
+        del self._queueable[worker]
         worker.behind = _QueuedHook(self, worker, job, on_done, on_start, on_give_back, on_message)
         self._behind[job.job_id] = worker
         worker._write(self._run_message(worker, job, "next"), _userdata.size(job.args))
@@ -679,26 +685,3 @@ def _hand_on(hook: _ReplyHook, outcome: JobOutcome) -> None:
         hook.on_done(outcome)
     except Exception:
         log.exception("handling the outcome of job %s failed", hook.job.job_id)
-
-
-def _remove_stale_capture_dirs() -> None:
-    """Remove capture directories left by pools whose node process died without cleaning up
-    (SIGKILL): they are named after that process's pid and owned by us."""
-    tmp = tempfile.gettempdir()
-    try:
-        names = os.listdir(tmp)
-    except OSError:
-        return
-    for name in names:
-        parts = name.split("-")
-        if len(parts) != 4 or parts[:2] != ["clusterpy", "pool"] or not parts[2].isdigit():
-            continue
-        path = os.path.join(tmp, name)
-        try:
-            if os.lstat(path).st_uid != os.getuid():
-                continue
-            os.kill(int(parts[2]), 0)  # that node still runs: its directory is in use
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (OSError, ValueError):
-            continue

@@ -227,6 +227,7 @@ class _Worker:
                     comp.cleanup()
                 except BaseException as exc:  # noqa: BLE001
                     error = self._describe(exc)[3]
+            self.output.recount()  # what the cleanup's child processes used is no job's CPU
         if not any(c.workdir == comp.workdir for c in self.comps.values()):
             while comp.workdir in sys.path:
                 sys.path.remove(comp.workdir)
@@ -270,53 +271,59 @@ class _Worker:
         status, exit_code = "finished", None
         result: _userdata.Payload | None = None
         error = _NO_ERROR
-        environ = _Environ(comp.env) if comp.env else _ENVIRON_UNCHANGED
-        with self.output as capture, environ:
-            # Every time, even if the last job ran here: a job may have left the directory.
-            os.chdir(comp.workdir)
-            current_job_id = job_id
-            job_send, job_options = self.send, dict(options)  # a job may not change the next one's
-            start, cpu_start = time.time(), time.process_time()
-            private = None
+        environ = _Environ(comp.env) if comp.env else None  # most computations set none
+        with self.output as capture:
+            if environ is not None:
+                environ.__enter__()
             try:
-                if comp.return_files:
-                    from . import progress
+                # Every time, even if the last job ran here: a job may have left the directory.
+                os.chdir(comp.workdir)
+                current_job_id = job_id
+                job_send, job_options = self.send, dict(options)  # a job may not change the next one's
+                start, cpu_start = time.time(), time.process_time()
+                private = None
+                try:
+                    if comp.return_files:
+                        from . import progress
 
-                    private = progress.private_dir(comp.workdir, job_id)
-                    os.chdir(private)
-                call_args, call_kwargs = _userdata.loads(args)
-                # An executor call or a map chunk (clusterpy._remote) decides how to call;
-                # the module is loaded only if the arguments referred to it.
-                remote = sys.modules.get("clusterpy._remote")
-                if remote is not None and call_args and isinstance(call_args[0], remote.Invocation):
-                    value = call_args[0].invoke(lambda *a, **k: self._call(comp, a, k), call_args[1:], call_kwargs)
-                elif comp.kind == "program":
-                    value = exit_code = _run_program(comp, call_args, call_kwargs)
-                else:
-                    value = comp.compute(*call_args, **call_kwargs)  # type: ignore[misc]
-                if comp.only_if is not None or options.get("fault"):
-                    value = self._filter(comp, value, call_args, options)
-            except BaseException as exc:  # noqa: BLE001 -- SystemExit/KeyboardInterrupt end the job, not the worker
-                status, error = "exception", self._describe(exc, skip=1)
-            finally:
-                if private is not None:  # return_files: what the job made, before its result
-                    os.chdir(comp.workdir)
-                    progress.return_made_files(self.send, job_id, private,
-                                               int(options.get("max_file", progress.DEFAULT_MAX_SEND_FILE)))
-                current_job_id, job_send, job_options = None, None, {}
-            if status == "finished":
-                result, pickle_error = self._pickle_result(value)
-                if pickle_error is not None:
-                    status, error = "exception", pickle_error
-                del value
-            # The job's own CPU (all threads) and that of the child processes it waited for.
-            cpu = time.process_time() - cpu_start + capture.children_cpu()
-            end = time.time()
-            if self._slowdown > 1.0:  # --slowdown (a testing aid): this job takes `slowdown` times as long
-                time.sleep((self._slowdown - 1.0) * (end - start))
+                        private = progress.private_dir(comp.workdir, job_id)
+                        os.chdir(private)
+                    call_args, call_kwargs = _userdata.loads(args)
+                    # An executor call or a map chunk (clusterpy._remote) decides how to call;
+                    # the module is loaded only if the arguments referred to it.
+                    remote = sys.modules.get("clusterpy._remote")
+                    if remote is not None and call_args and isinstance(call_args[0], remote.Invocation):
+                        value = call_args[0].invoke(lambda *a, **k: self._call(comp, a, k), call_args[1:], call_kwargs)
+                    elif comp.kind == "program":
+                        value = exit_code = _run_program(comp, call_args, call_kwargs)
+                    else:
+                        value = comp.compute(*call_args, **call_kwargs)  # type: ignore[misc]
+                    if comp.only_if is not None or options.get("fault"):
+                        value = self._filter(comp, value, call_args, options)
+                except BaseException as exc:  # noqa: BLE001 -- SystemExit/KeyboardInterrupt end the job, not the worker
+                    status, error = "exception", self._describe(exc, skip=1)
+                finally:
+                    if private is not None:  # return_files: what the job made, before its result
+                        os.chdir(comp.workdir)
+                        progress.return_made_files(self.send, job_id, private,
+                                                   int(options.get("max_file", progress.DEFAULT_MAX_SEND_FILE)))
+                    current_job_id, job_send, job_options = None, None, {}
+                if status == "finished":
+                    result, pickle_error = self._pickle_result(value)
+                    if pickle_error is not None:
+                        status, error = "exception", pickle_error
+                    del value
+                cpu = time.process_time() - cpu_start  # the job's own CPU (all threads)
                 end = time.time()
+                if self._slowdown > 1.0:  # --slowdown (a testing aid): this job takes `slowdown` times as long
+                    time.sleep((self._slowdown - 1.0) * (end - start))
+                    end = time.time()
+            finally:  # even if the job's directory or its files fail us
+                if environ is not None:
+                    environ.__exit__()
         stdout, stderr = capture.read()
-        return (job_id, status, result, *error, stdout, stderr, start, end, cpu, exit_code)
+        # ... and that of the child processes it waited for (known once the capture ended).
+        return (job_id, status, result, *error, stdout, stderr, start, end, cpu + capture.children_cpu, exit_code)
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -456,20 +463,6 @@ class _Environ:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-class _EnvironUnchanged:
-    """:class:`_Environ` of a computation that sets no variables (most): nothing to save,
-    set or restore, and nothing made per call."""
-
-    def __enter__(self) -> None:
-        pass
-
-    def __exit__(self, *exc_info: object) -> None:
-        pass
-
-
-_ENVIRON_UNCHANGED = _EnvironUnchanged()
 
 
 class _Cwd:
