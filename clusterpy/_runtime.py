@@ -164,6 +164,7 @@ class _Runtime:
         self.closing = False
         self.tasks: set[asyncio.Task[Any]] = set()
         self.queue = cluster._queue  # clusterpy._submit.SubmitQueue: admissions of jobs not yet dispatched
+        self.inbox = cluster._inbox  # clusterpy._submit.LoopInbox: the one way in from other threads
         self.local_node: Any = None
         self.discovery: Any = None  # transport.udp.DiscoveryClient when discovering
         self._local_start: asyncio.Future[int] | None = None
@@ -172,6 +173,7 @@ class _Runtime:
         self.idle = asyncio.Event()
         # While deliver() runs: the links that queued a SubmitJobs batch (flushed at its end).
         self.submitting: list[_NodeLink] | None = None
+        self._refill_due = False  # a refill of the nodes the core owes one waits for a read's end
         self.idle.set()
         self.dependents = Dependents(self)  # jobs waiting for upstream results (clusterpy.dataflow)
         self.scatter = ScatterState(self)  # scattered objects and their transfers (clusterpy.scatter)
@@ -551,8 +553,11 @@ class _Runtime:
         assert node_id is not None
         job_id, state = msg.job_id, msg.status
         took = msg.end_time - msg.start_time
-        current, actions = self.core.report(node_id, job_id, msg.attempt, state == "died",
-                                            took if state == "finished" or state == "exception" else None)
+        core = self.core
+        current, actions = core.report(node_id, job_id, msg.attempt, state == "died",
+                                       took if state == "finished" or state == "exception" else None, False)
+        if core.owed and not self._refill_due:
+            self._refill_after_read(link)
         if not current:
             if state == "died" and job_id in self.jobs:
                 log.warning("job %s killed its worker on %s; trying it again", msg.job_id, link.name)
@@ -591,6 +596,24 @@ class _Runtime:
         status, result, exc = apply_report(job, msg, ip_addr=link.ip_addr, node_id=node_id,
                                            hostname=link.hostname, where=link.where)
         self.finish(job, status, result=None if result is DROPPED else result, exc=exc)
+        if actions:
+            self.execute(actions)
+
+    def _refill_after_read(self, link: _NodeLink) -> None:
+        """Refill the nodes whose freed slots the core left owed (``report(..., refill=False)``)
+        once every report of this read from the node is handled, just before the read's
+        answers are written: a read's reports (a JobsDone, 2-3 reports in a stream of short
+        jobs) then cost one refill and one dispatch instead of one per report."""
+        self._refill_due = True
+        try:
+            assert link.conn is not None  # (its reports are being read)
+            link.conn.before_flush(self._refill)
+        except ClusterError:  # the connection is down: no read to wait for
+            self._refill()
+
+    def _refill(self) -> None:
+        self._refill_due = False
+        actions = self.core.refill()
         if actions:
             self.execute(actions)
 

@@ -1,4 +1,6 @@
-"""The bounded hand-off of submissions from user threads to the cluster's event-loop thread.
+"""The hand-off from user threads to the cluster's event-loop thread: :class:`LoopInbox`, the
+one way in for everything they ask of the loop, and :class:`SubmitQueue`, the bounded hand-off
+of submissions through it.
 
 ::
 
@@ -30,9 +32,9 @@ Decisions, in one place:
   per job, so they cannot run away.
 * **close() wakes everyone.** Blocked submitters (threads and coroutines) get
   :class:`~clusterpy.errors.ClusterClosedError` at once.
-* **One wake-up per batch.** ``put`` wakes the loop (``call_soon_threadsafe``: a write to its
-  self-pipe) only for the first item of a batch; a submitter that runs ahead of the loop adds
-  to the pending batch for free.
+* **One wake-up per batch.** ``put`` asks the loop (:meth:`LoopInbox.call`) to drain only for
+  the first item of a batch; a submitter that runs ahead of the loop adds to the pending batch
+  for free.
 * **The submitter yields to the loop.** A thread submitting in a tight loop holds the GIL; the
   woken loop thread would get it only at the interpreter's switch interval (5 ms), so jobs
   would wait undispatched and nodes idle while a long ``for`` loop submits (5,000 trivial jobs:
@@ -40,23 +42,36 @@ Decisions, in one place:
   loop has not run yet, ``put`` blocks until it runs (a blocked thread releases the GIL): the
   loop dispatches, and handles the results that came meanwhile, every ``PACE`` submissions.
   Never in the loop thread or in a coroutine (``submit_async``), which must not block.
+
+**One inbox, so order holds by construction.** Everything user threads ask of the loop (a
+batch of submissions, a cancel, a call, a coroutine, stopping) goes through the cluster's one
+:class:`LoopInbox`, a FIFO of calls: a cancel that follows a submission in a thread always
+finds the job there, and nobody has to remember to flush anything first. Its wake-up is a byte
+on a socket pair of its own, whose reader runs every call queued so far: asyncio's
+``call_soon_threadsafe`` would cost a handle and a context copy per call, a write to the
+loop's self-pipe, and a self-pipe read that goes on to a second, failing ``recv`` per wake-up
+(a lone round trip, ``c.submit(x)()``, pays for a hand-off every time).
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import logging
 import pickle
+import socket
 import threading
 import time
-from typing import Any, Callable
+from collections import deque
+from typing import Any, Callable, Coroutine
 
 import cloudpickle
 
 from . import _userdata
 from .errors import ClusterClosedError, QueueFullError
 
-__all__ = ["SubmitQueue", "DEFAULT_MAX_QUEUED", "check_max_queued", "check_submit_timeout", "closed_error", "dumps_args"]
+__all__ = ["LoopInbox", "SubmitQueue", "DEFAULT_MAX_QUEUED", "check_max_queued", "check_submit_timeout", "closed_error", "dumps_args"]
 
 log = logging.getLogger("clusterpy.client")
 
@@ -130,21 +145,153 @@ def check_submit_timeout(value: Any) -> float | None:
     return float(value)
 
 
+class LoopInbox:
+    """The one way into the cluster's event loop from other threads (see the module's
+    docstring): calls run in the loop thread, each once, in the order they were asked.
+
+    Args:
+        loop: the event loop, not running in another thread yet (the inbox's reader is
+            registered with it here). A closed loop makes a closed inbox.
+
+    :meth:`call` and :meth:`run` are thread-safe and never block; the loop thread may use them
+    too (the call then runs in a later loop iteration, as with ``call_soon``). :meth:`close`
+    is for the owner, once the loop no longer runs.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        # A wake-up byte is on its way that the reader has not taken yet: calls appended
+        # meanwhile need none of their own (a burst of calls costs one write and one read).
+        self._woken = False
+        self._closed = False
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        try:
+            loop.add_reader(self._reader.fileno(), self._run)
+        except RuntimeError:  # the loop is closed: nothing would ever run the calls
+            self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` in the loop thread after every call asked before it. What it
+        raises goes to the loop's exception handler; the calls after it run all the same.
+
+        Raises:
+            RuntimeError: the inbox is closed (the loop is gone).
+        """
+        if self._closed:
+            raise RuntimeError("the cluster's event loop is closed")
+        self._calls.append((fn, args))
+        if not self._woken:  # (two threads may both write a byte: one wake-up finds nothing)
+            self._woken = True
+            try:
+                self._writer.send(b"\0")
+            except BlockingIOError:
+                pass  # its buffer is full of wake-ups not read yet: the loop is woken already
+            except OSError:  # closed by close() meanwhile
+                raise RuntimeError("the cluster's event loop is closed") from None
+
+    def run(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        """``asyncio.run_coroutine_threadsafe`` through this inbox: ``coro`` starts as a task of
+        the loop in order with the calls (:meth:`call`); the returned future gets its outcome,
+        and cancelling that future cancels the task.
+
+        Raises:
+            RuntimeError: the inbox is closed (``coro`` is closed, never run).
+        """
+        outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def start() -> None:
+            if outcome.cancelled():
+                coro.close()
+                return
+            task = self._loop.create_task(coro)
+            task.add_done_callback(lambda _task: _settle_from(outcome, task))
+
+            def cancel_task(_outcome: concurrent.futures.Future[Any]) -> None:  # in the canceller's thread
+                if outcome.cancelled():
+                    try:
+                        self.call(task.cancel)
+                    except RuntimeError:  # the loop is gone, and its tasks with it
+                        pass
+
+            outcome.add_done_callback(cancel_task)
+
+        try:
+            self.call(start)
+        except RuntimeError:
+            coro.close()
+            raise
+        return outcome
+
+    def _run(self) -> None:
+        # The flag is cleared before the byte is read: a call appended after this writes a
+        # byte of its own (whose wake-up may then find nothing to run), never none at all.
+        self._woken = False
+        try:
+            self._reader.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            pass
+        calls = self._calls
+        # Only the calls queued so far: one asked meanwhile waits for the next turn (it woke
+        # the loop), so a call that asks for another cannot keep the loop here.
+        for _ in range(len(calls)):
+            fn, args = calls.popleft()
+            try:
+                fn(*args)
+            except (SystemExit, KeyboardInterrupt):
+                if calls:  # the calls left run at the next wake-up, which this asks for
+                    with contextlib.suppress(OSError):
+                        self._writer.send(b"\0")
+                raise
+            except BaseException as exc:  # as asyncio does for a failing callback
+                self._loop.call_exception_handler({"message": f"Exception in {fn!r}, called through the inbox",
+                                                   "exception": exc})
+
+    def close(self) -> None:
+        """Take no more calls (:meth:`call` raises from now on) and release the socket pair;
+        calls not run yet are dropped. Idempotent."""
+        self._closed = True
+        if self._reader.fileno() == -1:
+            return
+        if not self._loop.is_closed():
+            self._loop.remove_reader(self._reader.fileno())
+        self._reader.close()
+        self._writer.close()
+
+
+def _settle_from(outcome: concurrent.futures.Future[Any], task: asyncio.Task[Any]) -> None:
+    """Give ``outcome`` the ended ``task``'s outcome, unless it was cancelled meanwhile."""
+    try:
+        if task.cancelled():
+            outcome.cancel()
+        elif task.exception() is not None:
+            outcome.set_exception(task.exception())
+        else:
+            outcome.set_result(task.result())
+    except concurrent.futures.InvalidStateError:  # its holder cancelled it first
+        pass
+
+
 class SubmitQueue:
     """Admission (at most ``limit`` jobs waiting for dispatch) and the hand-off to the loop.
 
     Args:
-        loop: the cluster's event loop; ``deliver(items)`` runs there with each batch of items,
-            in the order they were put.
+        inbox: the way into the cluster's event loop; ``deliver(items)`` runs there with each
+            batch of items, in the order they were put.
         limit: the bound (``max_queued``); None: unbounded (``queued`` is still counted).
 
     Thread-safe: every method may be called from any thread, except ``release`` and
     ``bind_loop_thread``, which the loop thread calls.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[list[Any]], None],
-                 limit: int | None) -> None:
-        self._loop = loop
+    def __init__(self, inbox: LoopInbox, deliver: Callable[[list[Any]], None], limit: int | None) -> None:
+        self._inbox = inbox
         self._deliver = deliver
         self.limit = limit
         # Blocked submitters resume once this few jobs are left (the low-water mark).
@@ -318,13 +465,20 @@ class SubmitQueue:
                 return
             self._drain_scheduled = True
         try:
-            self._loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:
-            with self._lock:
-                orphans, self._items = self._items, []
-                self._drain_scheduled = False
-            on_orphaned(orphans)
+            self._inbox.call(self._drain)
+        except RuntimeError:  # the inbox is closed: the loop is gone
+            self.abandon(on_orphaned)
             raise closed_error() from None
+
+    def abandon(self, on_orphaned: Callable[[list[Any]], None]) -> None:
+        """The loop is gone (its inbox closed): give the items it will never drain to
+        ``on_orphaned`` (in this thread). A later ``put`` finds the inbox closed and orphans
+        its item too, so none is left behind a drain that never comes."""
+        with self._lock:
+            orphans, self._items = self._items, []
+            self._drain_scheduled = False
+        if orphans:
+            on_orphaned(orphans)
 
     def _may_pace(self) -> bool:
         """Whether ``put`` may block this thread: not the loop thread, not a coroutine."""

@@ -5,6 +5,7 @@
     user thread                     cluster loop thread (asyncio)
     -----------                     -----------------------------------------------
     submit(*args) --pickle args-->  SubmitQueue (blocks at max_queued; one wake-up per batch)
+                                    through the LoopInbox (every call into the loop, in order)
                                     _Runtime.submit -> SchedulerCore.handle(JobSubmitted)
                                         actions -> DispatchJobs -> batched SubmitJobs per node
                                         (dispatched: the job leaves the SubmitQueue's count)
@@ -50,7 +51,7 @@ from .secret import load_secret
 from .discovery import DEFAULT_RELAY_PORT, DiscoveryKey, plan_nodes
 from ._computation import check_callable, check_cpus_per_job, check_dest_path, package, trust_options
 from ._runtime import _NodeLink, _Runtime, _parse_node
-from ._submit import DEFAULT_MAX_QUEUED, SubmitQueue, check_max_queued, check_submit_timeout, closed_error, dumps_args
+from ._submit import DEFAULT_MAX_QUEUED, LoopInbox, SubmitQueue, check_max_queued, check_submit_timeout, closed_error, dumps_args
 
 __all__ = ["JobCluster"]
 
@@ -259,7 +260,9 @@ class JobCluster:
                                           computation=self.computation_name)
         self._loop = asyncio.new_event_loop()
         self._sync = JobSync()  # completion of this cluster's jobs (clusterpy.job)
-        self._queue = SubmitQueue(self._loop, self._deliver, self.max_queued)
+        # Everything this object's threads ask of the loop goes through this one inbox (in order).
+        self._inbox = LoopInbox(self._loop)
+        self._queue = SubmitQueue(self._inbox, self._deliver, self.max_queued)
         self._thread = threading.Thread(target=self._run_loop, name="clusterpy-loop", daemon=True)
         self._thread.start()
         self._rt: _Runtime = self._call(self._make_runtime)
@@ -329,17 +332,20 @@ class JobCluster:
             except BaseException as exc:
                 fut.set_exception(exc)
 
-        self._loop.call_soon_threadsafe(run)
+        self._inbox.call(run)
         return fut.result()
 
     def _await(self, coro: Any, timeout: float | None = None) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        """Run ``coro`` in the loop and return its result (TimeoutError after ``timeout``)."""
+        return self._inbox.run(coro).result(timeout)
 
     def _stop_loop(self) -> None:
         if self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._inbox.call(self._loop.stop)
             self._thread.join(10)
         if not self._loop.is_running():
+            self._inbox.close()
+            self._queue.abandon(self._orphaned)  # submissions the loop took in but never ran
             self._loop.close()
 
     # ---------------------------------------------------------------- public API
@@ -488,7 +494,7 @@ class JobCluster:
         future = job._fut
         if job.done() and not (future is not None and future.cancelled()):  # a cancelled future still cancels its job
             return False
-        self._loop.call_soon_threadsafe(self._rt.cancel, job)
+        self._inbox.call(self._rt.cancel, job)
         return True
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -597,8 +603,8 @@ class JobCluster:
         await asyncio.to_thread(self.close, None, exc_type is not None)
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True) and getattr(self, "_loop", None) is not None:
+        if not getattr(self, "_closed", True) and getattr(self, "_inbox", None) is not None:
             try:
-                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._inbox.call(self._loop.stop)
             except RuntimeError:
                 pass

@@ -21,7 +21,6 @@ and ``close`` wait for it) and cancelling it drops it.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import functools
 from dataclasses import dataclass
@@ -124,17 +123,14 @@ class Dependents:
             return
         self._waiting[job._key] = _Waiting(job, timeout, node, len(upstream))
         self._rt.idle.clear()
-        loop = asyncio.get_running_loop()
-
         for future, label in upstream:
-            future.add_done_callback(functools.partial(self._schedule, loop, job._key, label))
+            future.add_done_callback(functools.partial(self._schedule, job._key, label))
 
-    def _schedule(self, loop: asyncio.AbstractEventLoop, key: str, label: str,
-                  future: concurrent.futures.Future[Any]) -> None:
+    def _schedule(self, key: str, label: str, future: concurrent.futures.Future[Any]) -> None:
         # Runs in whatever thread resolves the future (or in hold, if it is done already):
-        # always continue in the loop, one step later.
+        # always continue in the loop, one step later, through the cluster's one way in.
         try:
-            loop.call_soon_threadsafe(self._upstream_done, key, future, label)
+            self._rt.inbox.call(self._upstream_done, key, future, label)
         except RuntimeError:  # the cluster closed meanwhile; its jobs were dealt with then
             pass
 

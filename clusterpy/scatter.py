@@ -273,5 +273,5 @@ async def scatter_async(cluster: "JobCluster", obj: Any) -> Scattered:
         return obj
     state: ScatterState = cluster._rt.scatter
     entry = await asyncio.to_thread(state.dump, obj)
-    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(state.add(entry), cluster._loop))
+    await asyncio.wrap_future(cluster._inbox.run(state.add(entry)))
     return Scattered(entry.sha256, entry.size)

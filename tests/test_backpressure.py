@@ -22,7 +22,7 @@ import pytest
 
 import clusterpy
 from clusterpy import JobStatus
-from clusterpy._submit import SubmitQueue
+from clusterpy._submit import LoopInbox, SubmitQueue
 from clusterpy.errors import ClusterClosedError, ConfigurationError, QueueFullError
 from clusterpy.job import ClusterJob, JobSync
 
@@ -73,14 +73,16 @@ def blocked(thread: Submitter, settle: float = 0.3) -> bool:
 
 
 @pytest.fixture
-def loop():
+def inbox():
     loop = asyncio.new_event_loop()
-    yield loop
+    inbox = LoopInbox(loop)
+    yield inbox
+    inbox.close()
     loop.close()
 
 
-def test_queue_admits_up_to_the_bound_then_times_out(loop):
-    queue = SubmitQueue(loop, lambda items: None, limit=3)
+def test_queue_admits_up_to_the_bound_then_times_out(inbox):
+    queue = SubmitQueue(inbox, lambda items: None, limit=3)
     for _ in range(3):
         queue.admit(0)
     assert queue.queued == 3 and not queue.try_admit()
@@ -93,8 +95,8 @@ def test_queue_admits_up_to_the_bound_then_times_out(loop):
     assert queue.queued == 3 and queue.submitted == 3
 
 
-def test_queue_blocked_submitter_resumes_at_the_low_water_mark(loop):
-    queue = SubmitQueue(loop, lambda items: None, limit=20)  # resumes at 18 (a tenth below)
+def test_queue_blocked_submitter_resumes_at_the_low_water_mark(inbox):
+    queue = SubmitQueue(inbox, lambda items: None, limit=20)  # resumes at 18 (a tenth below)
     for _ in range(20):
         queue.admit()
     admitted = threading.Event()
@@ -109,8 +111,8 @@ def test_queue_blocked_submitter_resumes_at_the_low_water_mark(loop):
     assert queue.queued == 19
 
 
-def test_queue_close_wakes_blocked_threads_and_coroutines(loop):
-    queue = SubmitQueue(loop, lambda items: None, limit=1)
+def test_queue_close_wakes_blocked_threads_and_coroutines(inbox):
+    queue = SubmitQueue(inbox, lambda items: None, limit=1)
     queue.admit()
     errors: list[BaseException] = []
 
@@ -140,7 +142,8 @@ def test_queue_close_wakes_blocked_threads_and_coroutines(loop):
 
 
 async def test_queue_async_admission_waits_without_blocking_its_loop():
-    queue = SubmitQueue(asyncio.get_running_loop(), lambda items: None, limit=2)
+    inbox = LoopInbox(asyncio.get_running_loop())
+    queue = SubmitQueue(inbox, lambda items: None, limit=2)
     await queue.admit_async()
     await queue.admit_async()
     ticks = 0
@@ -167,11 +170,13 @@ async def test_queue_async_admission_waits_without_blocking_its_loop():
         await cancelled
     assert queue.queued == 2 and not queue._async_waiters  # cancelling admitted nothing
     tick.cancel()
+    inbox.close()
 
 
-def test_queue_hands_items_to_the_loop_in_batches(loop):
+def test_queue_hands_items_to_the_loop_in_batches(inbox):
     batches: list[list[int]] = []
-    queue = SubmitQueue(loop, batches.append, limit=None)
+    queue = SubmitQueue(inbox, batches.append, limit=None)
+    loop = inbox._loop
     for i in range(5):
         queue.put(i, on_orphaned=lambda items: None)  # the loop is not running: all in one batch
     loop.call_soon(loop.stop)
@@ -183,7 +188,7 @@ def test_queue_put_on_a_closed_loop_orphans_the_items():
     loop = asyncio.new_event_loop()
     loop.close()
     orphans: list[list[str]] = []
-    queue = SubmitQueue(loop, lambda items: None, limit=None)
+    queue = SubmitQueue(LoopInbox(loop), lambda items: None, limit=None)
     with pytest.raises(ClusterClosedError):
         queue.put("a", on_orphaned=orphans.append)
     assert orphans == [["a"]]

@@ -133,7 +133,7 @@ async def round_trip(port: int, ssl=None) -> float:
     (b"GET / HTTP/1.1\r\nHost: node\r\n\r\n", "limit here is 4096"),
     (encode_frame(pickle.dumps(os.system, protocol=5)), "not valid JSON"),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64), "limit here is 4096"),  # a TLS hello
-    (encode_frame(b'{"t":"hello","proto":"clusterpy/1"}'), "hello message has no valid 'alg'"),
+    (encode_frame(b'{"t":"hello","proto":"clusterpy/2"}'), "hello message has no valid 'alg'"),
 ], ids=["random", "http", "raw-pickle", "tls-hello", "partial-hello"])
 async def test_garbage_is_refused(make_node, spy, caplog, junk, log):
     node = await make_node()

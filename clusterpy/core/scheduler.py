@@ -320,6 +320,9 @@ class SchedulerCore:
         self._constrained = 0  # queued jobs with an exclude set or a group
         self._ring: list[str] = []  # node ids, for bounded work-stealing scans
         self._ring_cursor = 0
+        #: Nodes whose freed slots reports left to :meth:`refill` (``report(..., refill=False)``),
+        #: in order (read-only for callers: an attribute, not a method, as it is read per job).
+        self.owed: dict[str, None] = {}
 
     # ------------------------------------------------------------ queries
 
@@ -451,10 +454,17 @@ class SchedulerCore:
         return [self._nodes[n] for n in ids]
 
     def report(self, node_id: str, job_id: str, attempt: int, worker_died: bool = False,
-               duration: float | None = None) -> tuple[bool, list[Action]]:
+               duration: float | None = None, refill: bool = True) -> tuple[bool, list[Action]]:
         """``handle(JobReported(...))`` with the event's fields: returns whether the report is
         for the job's current attempt, whose outcome the caller delivers (the
-        :class:`DeliverResult` that ``handle`` puts first), and the other actions."""
+        :class:`DeliverResult` that ``handle`` puts first), and the other actions.
+
+        ``refill=False``: the caller is handling a batch of reports (the ones a node sent in
+        one write). If giving the node jobs for the slot this report frees would dispatch any,
+        that is left to :meth:`refill` (:attr:`owed` is then not empty), which the caller
+        calls once the batch is handled: the batch's refills leave as one dispatch instead of
+        one per report. Meanwhile the node takes no other job; every other decision stands.
+        """
         job = self._jobs.get(job_id)
         if job is None or job.attempt != attempt or job.node_id != node_id:
             return False, []  # a late report of an attempt we already moved or resolved: discard
@@ -482,10 +492,28 @@ class SchedulerCore:
         if node is None:
             return True, []
         node.jobs_done += 1
+        if not refill and (self._queue.size or node.pinned_queue):
+            self.owed[node_id] = None
+            return True, []
+        return True, self._refill(node)
+
+    def refill(self) -> list[Action]:
+        """Give the nodes that reports with ``refill=False`` left (see :meth:`report`) jobs for
+        their free slots; none if they are gone meanwhile."""
+        actions: list[Action] = []
+        owed, self.owed = self.owed, {}
+        for node_id in owed:
+            node = self._nodes.get(node_id)
+            if node is not None:
+                actions.extend(self._refill(node))
+        return actions
+
+    def _refill(self, node: _Node) -> list[Action]:
+        """Jobs for the slots a report freed on ``node``, or work it may steal."""
         actions = self._fill(node)
         if self.steal and not self._queue.size and len(self._ring) > 1:  # see _steal_for
             actions.extend(self._steal_for(node))
-        return True, actions
+        return actions
 
     def _on_node_joined(self, ev: NodeJoined) -> list[Action]:
         if ev.node_id in self._nodes:
@@ -503,6 +531,7 @@ class SchedulerCore:
         if node is None:
             return []
         self._ring.remove(ev.node_id)
+        self.owed.pop(ev.node_id, None)
         self._free.discard(ev.node_id)
         self.speeds.remove_node(ev.node_id)
         actions: list[Action] = []
@@ -777,6 +806,8 @@ class SchedulerCore:
         for node_id in self._free:
             node = self._nodes[node_id]
             assert len(node.inflight) < node.limit and not node.distrusted
+        for node_id in self.owed:
+            assert node_id in self._nodes, node_id
         if self._queue and not self._constrained:
-            # Work is waiting only if no node has room for it.
+            # Work is waiting only if no node has room for it (or a refill is owed to it).
             assert not self._free, "jobs queued while a node has a free slot"

@@ -58,7 +58,8 @@ from .framing import PREAUTH_MAX_FRAME
 __all__ = ["PROTOCOL", "ALGORITHM", "NONCE_SIZE", "HandshakeStateError", "ClientHandshake",
            "ServerHandshake"]
 
-PROTOCOL = "clusterpy/1"
+# /2: the per-job messages travel as tuples of fields (codec), which /1 peers cannot decode.
+PROTOCOL = "clusterpy/2"
 ALGORITHM = "hmac-sha256+aes256-gmac"
 NONCE_SIZE = 32
 _MAC_SIZE = 32

@@ -38,7 +38,7 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import TypeAlias
+from typing import Callable, TypeAlias
 
 from . import outofband
 
@@ -76,6 +76,7 @@ __all__ = [
     "OUT_OF_BAND_MIN",
     "Message",
     "MESSAGE_TYPES",
+    "PICKLED_FIELDS",
 ]
 
 #: Opaque bytes inside a message: ``bytes`` as made, a read-only ``memoryview`` as decoded
@@ -445,6 +446,13 @@ def _blob(value: UserData | None, protocol: int) -> object:
     return pickle.PickleBuffer(view if view.readonly else view.toreadonly())
 
 
+#: Each message type's fields in constructor order, as its pickles carry them:
+#: ``PICKLED_FIELDS[cls](message, protocol)`` (large blobs as out-of-band buffers, see
+#: :func:`_blob`). Pickling a message reduces it to ``cls(*fields)``; the codec sends the
+#: per-job messages as tuples of these fields instead (:mod:`.codec`).
+PICKLED_FIELDS: dict[type, Callable[[object, int], tuple[object, ...]]] = {}
+
+
 def _reduce_to_constructor(cls: type) -> None:
     """Pickle ``cls`` as ``cls(*fields)``: about 3x faster both ways than the dataclass's own
     ``__getstate__``/``__setstate__`` (a dict of slots, set one by one), and decoding still
@@ -453,27 +461,39 @@ def _reduce_to_constructor(cls: type) -> None:
     getter = attrgetter(*names)
     blobs = _BLOB_FIELDS.get(cls)
 
-    def reduce_one(self: object) -> tuple[type, tuple[object, ...]]:
-        return (cls, (getter(self),))
+    if blobs is None:
+        def fields_one(self: object, protocol: int) -> tuple[object, ...]:
+            return (getter(self),)
 
-    def reduce_many(self: object) -> tuple[type, tuple[object, ...]]:
-        return (cls, getter(self))
+        def fields_many(self: object, protocol: int) -> tuple[object, ...]:
+            return getter(self)
 
-    if blobs is not None:
-        blob_at = tuple(i for i, name in enumerate(names) if name in blobs)
+        def reduce_one(self: object) -> tuple[type, tuple[object, ...]]:
+            return (cls, (getter(self),))
 
-        def reduce_blobs(self: object, protocol: int) -> tuple[type, tuple[object, ...]]:
-            values = getter(self)
-            for i in blob_at:
-                value = values[i]
-                if value is not None and (type(value) is not bytes or len(value) >= OUT_OF_BAND_MIN):
-                    values = tuple(_blob(v, protocol) if j in blob_at else v for j, v in enumerate(values))
-                    break
-            return (cls, values)
+        def reduce_many(self: object) -> tuple[type, tuple[object, ...]]:
+            return (cls, getter(self))
 
-        setattr(cls, "__reduce_ex__", reduce_blobs)
-    else:
+        PICKLED_FIELDS[cls] = fields_one if len(names) == 1 else fields_many
         setattr(cls, "__reduce__", reduce_one if len(names) == 1 else reduce_many)
+        return
+
+    blob_at = tuple(i for i, name in enumerate(names) if name in blobs)
+
+    def fields_blobs(self: object, protocol: int) -> tuple[object, ...]:
+        values: tuple[object, ...] = getter(self)
+        for i in blob_at:
+            value = values[i]
+            if value is not None and (type(value) is not bytes or len(value) >= OUT_OF_BAND_MIN):
+                return tuple(_blob(v, protocol) if j in blob_at else v  # type: ignore[arg-type]
+                             for j, v in enumerate(values))
+        return values
+
+    def reduce_blobs(self: object, protocol: int) -> tuple[type, tuple[object, ...]]:
+        return (cls, fields_blobs(self, protocol))
+
+    PICKLED_FIELDS[cls] = fields_blobs
+    setattr(cls, "__reduce_ex__", reduce_blobs)
 
 
 for _cls in MESSAGE_TYPES.values():
