@@ -2,7 +2,8 @@
 
 Events (past-tense facts) go in through :meth:`SchedulerCore.handle`; a list of actions
 (commands) comes out for a shell to execute. The core never touches sockets, clocks or
-threads, so the client (:mod:`clusterpy.client`) and tests drive the very same object.
+threads, so the client (:mod:`clusterpy.client`) and tests drive the very same object. The
+events and actions are defined in :mod:`.events` and re-exported here.
 
 Job lifecycle inside the core (a job's public status is derived from it by the shell)::
 
@@ -30,54 +31,44 @@ already started a recalled job just runs it (its JobsStarted ends the recall).
 
 from __future__ import annotations
 
-import enum
 import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .events import (
+    Action,
+    CancelOnNode,
+    CancelRequested,
+    DeliverResult,
+    DispatchJobs,
+    Event,
+    JobReported,
+    JobsRecalled,
+    JobsStarted,
+    JobState,
+    JobSubmitted,
+    NodeDistrusted,
+    NodeJoined,
+    NodeLost,
+    NodeResized,
+    RecallJobs,
+    ResolveJob,
+)
 from .fairqueue import FairQueue
 from .placement import FreeNodes, SpeedModel
 
-__all__ = [
-    "JobState",
-    "NodeJoined",
-    "NodeLost",
-    "JobSubmitted",
-    "JobsStarted",
-    "JobReported",
-    "CancelRequested",
-    "NodeDistrusted",
-    "NodeResized",
-    "JobsRecalled",
-    "DispatchJobs",
-    "RecallJobs",
-    "CancelOnNode",
-    "DeliverResult",
-    "ResolveJob",
-    "SchedulerCore",
-    "Event",
-    "Action",
-]
+# The events and actions are part of this module's interface (callers import them from here;
+# mypy needs the names spelled out to see them re-exported).
+__all__ = ["SchedulerCore", "JobState", "NodeJoined", "NodeLost", "JobSubmitted", "JobsStarted",
+           "JobReported", "CancelRequested", "NodeDistrusted", "NodeResized", "JobsRecalled", "DispatchJobs",
+           "RecallJobs", "CancelOnNode", "DeliverResult", "ResolveJob", "Event", "Action"]
 
 
 #: Adaptive prefetch: jobs that typically end within this many seconds get more jobs ahead...
 SHORT_JOB = 0.002
 #: ... up to this many per CPU.
 MAX_AHEAD = 4
-
-
-class JobState(enum.Enum):
-    # Members are singletons: identity hashing (C) instead of Enum's hash of the name (Python),
-    # for the transition checks on every job.
-    __hash__ = object.__hash__
-
-    QUEUED = "queued"
-    SENT = "sent"
-    RUNNING = "running"
-    DONE = "done"
-    CANCELLED = "cancelled"
-    ABANDONED = "abandoned"
 
 
 # Enum members read through their class cost ~100 ns each in Python 3.11 (EnumType has a
@@ -98,146 +89,6 @@ _TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.CANCELLED: frozenset(),
     JobState.ABANDONED: frozenset(),
 }
-
-
-# ---------------------------------------------------------------- events (facts)
-# Events and actions are slotted dataclasses, immutable by convention: frozen ones cost 8x as
-# much to construct, and a few are made per job.
-
-
-@dataclass(slots=True)
-class NodeJoined:
-    """A node is connected and its computation is deployed: it can take jobs.
-
-    ``speed``: its benchmark score (higher is faster); free slots on faster nodes are filled first.
-    """
-
-    node_id: str
-    cpus: int
-    speed: float = 1.0
-
-
-@dataclass(slots=True)
-class NodeLost:
-    node_id: str
-    reason: str
-
-
-@dataclass(slots=True)
-class JobSubmitted:
-    """A job to place.
-
-    ``group``: jobs of one group never run on the same node (replicas of one job that vote);
-    ``exclude``: nodes this job must not run on (a node whose result failed verification);
-    ``first_attempt``: attempts are numbered after it (a job submitted again after its earlier
-    attempts ended keeps its attempt numbers unique, so a late report is never mistaken).
-    """
-
-    job_id: str
-    node_id: str | None = None  # pin to this node (submit_node)
-    reentrant: bool | None = None  # None: the core's default
-    owner: str = ""  # whose job: queues are served round-robin across owners
-    group: str | None = None
-    exclude: frozenset[str] = frozenset()
-    first_attempt: int = 0
-
-
-@dataclass(slots=True)
-class JobsStarted:
-    node_id: str
-    jobs: tuple[tuple[str, int], ...]  # (job_id, attempt)
-
-
-@dataclass(slots=True)
-class JobReported:
-    """A node reported the end of one attempt of a job (result, exception, or worker death).
-
-    ``worker_died``: the worker process died running it. A reentrant job is then tried again
-    (preferably elsewhere) until it has failed ``allowed_failures`` times.
-    """
-
-    node_id: str
-    job_id: str
-    attempt: int
-    worker_died: bool = False
-    duration: float | None = None  # wall time of the job on the node, to learn its speed
-
-
-@dataclass(slots=True)
-class CancelRequested:
-    job_id: str
-
-
-@dataclass(slots=True)
-class NodeDistrusted:
-    """The node returned a wrong result: it gets no more jobs (those it runs go on)."""
-
-    node_id: str
-    reason: str
-
-
-@dataclass(slots=True)
-class NodeResized:
-    """Use ``cpus`` CPUs of the node from now on (dispy's set_node_cpus); 0 stops using it."""
-
-    node_id: str
-    cpus: int
-
-
-@dataclass(slots=True)
-class JobsRecalled:
-    """The node gave back these jobs (answering :class:`RecallJobs`) without starting them."""
-
-    node_id: str
-    jobs: tuple[tuple[str, int], ...]  # (job_id, attempt)
-
-
-Event = (NodeJoined | NodeLost | JobSubmitted | JobsStarted | JobReported | CancelRequested | NodeDistrusted
-         | NodeResized | JobsRecalled)
-
-
-# ---------------------------------------------------------------- actions (commands)
-
-
-@dataclass(slots=True)
-class DispatchJobs:
-    node_id: str
-    jobs: tuple[tuple[str, int], ...]  # (job_id, attempt)
-
-
-@dataclass(slots=True)
-class CancelOnNode:
-    node_id: str
-    job_id: str
-    attempt: int
-
-
-@dataclass(slots=True)
-class RecallJobs:
-    """Ask the node to give back these jobs if it has not started them (JobsRecalled)."""
-
-    node_id: str
-    jobs: tuple[tuple[str, int], ...]  # (job_id, attempt)
-
-
-@dataclass(slots=True)
-class DeliverResult:
-    """The report for the current attempt: hand its outcome to the caller."""
-
-    job_id: str
-    attempt: int
-
-
-@dataclass(slots=True)
-class ResolveJob:
-    """The job ended without a report of its own: ``state`` is CANCELLED or ABANDONED."""
-
-    job_id: str
-    state: JobState
-    reason: str
-
-
-Action = DispatchJobs | CancelOnNode | RecallJobs | DeliverResult | ResolveJob
 
 
 # ---------------------------------------------------------------- state
