@@ -258,9 +258,7 @@ def keep_report(node: KeptResults, session: OwnerSession | None, message: m.JobD
     if sum(c.kept_bytes for c in node.comps.values()) + message.data_size > node.max_kept_bytes:
         log.warning("kept-results budget (%d bytes) full: dropping the result of job %s/%s", node.max_kept_bytes,
                     message.comp_id, message.job_id)
-        message = m.JobDone(message.comp_id, message.job_id, message.attempt, "exception", None, None,
-                            "ResultDropped", "the node's budget for kept results was full; the result was dropped",
-                            None, b"", b"", message.start_time, message.end_time, message.cpu_time, message.exit_code)
+        message = message.dropped("node")
     comp.keep(message)
 
 

@@ -261,7 +261,7 @@ class SchedulerServer:
                 job = self.jobs.pop(key, None)
                 if job is not None:
                     self.history.add(report_ended(key, msg, link.node_id, job.comp.comp_id), time.monotonic())
-                    self._to_client(job.comp, _with_attempt(msg, job.request.attempt))
+                    self._to_client(job.comp, dataclasses.replace(msg, attempt=job.request.attempt))
                 actions = actions[1:]
             self.execute(actions)
         elif isinstance(msg, (m.JobProgress, m.JobFile)):
@@ -382,7 +382,7 @@ class SchedulerServer:
             size = message.data_size
             if sum(c.kept_bytes for c in self.comps.values()) + size > self.max_kept_bytes:
                 log.warning("kept-results budget full: dropping the result of job %s", message.job_id)
-                message = _with_attempt(message, message.attempt, dropped=True)
+                message = message.dropped("scheduler")
                 size = 0
             comp.kept.append(message)
             comp.kept_bytes += size
@@ -444,16 +444,6 @@ class SchedulerServer:
             await session.serve()
         finally:
             self.sessions.discard(session)
-
-
-def _with_attempt(msg: m.JobDone, attempt: int, *, dropped: bool = False) -> m.JobDone:
-    if dropped:
-        return m.JobDone(msg.comp_id, msg.job_id, attempt, "exception", None, None, "ResultDropped",
-                         "the scheduler's budget for kept results was full; the result was dropped", None,
-                         b"", b"", msg.start_time, msg.end_time, msg.cpu_time, msg.exit_code)
-    return m.JobDone(msg.comp_id, msg.job_id, attempt, msg.status, msg.result, msg.exception, msg.exc_type,
-                     msg.exc_message, msg.traceback, msg.stdout, msg.stderr, msg.start_time, msg.end_time,
-                     msg.cpu_time, msg.exit_code)
 
 
 # -------------------------------------------------------------------- command line

@@ -224,6 +224,26 @@ async def test_held_reports_are_kept_for_the_client_when_the_connection_breaks_b
         session.deliver(report("c"))  # broken now: the caller keeps it
 
 
+async def test_a_report_past_the_kept_results_budget_is_kept_as_result_dropped(pair):
+    pair.node.max_kept_bytes = 100
+    pair.session.deliver(report("big", pickle.dumps(b"x" * 1000)))
+    pair.node_transport.abort()  # the client is gone before the report leaves
+    await asyncio.sleep(0.05)
+    kept = list(pair.node.comps["c1"].take_kept())
+    assert [(r.job_id, r.status, r.exc_type, r.result, r.stdout) for r in kept] == [
+        ("big", "exception", "ResultDropped", None, b"")]
+    assert "node's budget for kept results was full" in kept[0].exc_message
+
+
+def test_a_dropped_report_keeps_its_job_and_times_and_may_change_its_attempt():
+    done = report("j", pickle.dumps("R"))
+    dropped = done.dropped("scheduler", attempt=7)
+    assert (dropped.comp_id, dropped.job_id, dropped.attempt, dropped.status) == ("c1", "j", 7, "exception")
+    assert (dropped.start_time, dropped.end_time, dropped.cpu_time) == (done.start_time, done.end_time, done.cpu_time)
+    assert dropped.result is None and "scheduler's budget" in dropped.exc_message
+    assert done.dropped("node").attempt == done.attempt
+
+
 # --------------------------------------------------------------------- real processes
 
 

@@ -198,6 +198,15 @@ class JobDone:
         size = len(self.stdout) + len(self.stderr)
         return size if self.result is None else size + outofband.payload_size(self.result)
 
+    def dropped(self, keeper: str, attempt: int | None = None) -> JobDone:
+        """This report with its result and output dropped, for a client that was away while
+        ``keeper`` (who kept the results: "node", "scheduler") ran out of room for them: the
+        job ends in a ``ResultDropped`` exception instead (under ``attempt``, if given)."""
+        return JobDone(self.comp_id, self.job_id, self.attempt if attempt is None else attempt, "exception",
+                       None, None, "ResultDropped",
+                       f"the {keeper}'s budget for kept results was full; the result was dropped", None,
+                       b"", b"", self.start_time, self.end_time, self.cpu_time, self.exit_code)
+
 
 @dataclass(slots=True)
 class JobsDone:
