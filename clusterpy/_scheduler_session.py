@@ -14,19 +14,16 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from .core.scheduler import CancelRequested, JobSubmitted
+from .core.scheduler import Action, CancelRequested, JobSubmitted, SchedulerCore
 from .errors import ConnectionClosedError, DependencyError, ProtocolError
-from .filestore import validate_name
+from .filestore import FileStore, validate_name
 from .protocol import codec
 from .protocol import messages as m
 from .transport.stream import Connection
 
-if TYPE_CHECKING:  # the server creates sessions; a session calls back into its server
-    from .scheduler import SchedulerServer
-
-__all__ = ["ClientSession", "SharedComp", "SharedJob"]
+__all__ = ["ClientSession", "SharedComp", "SharedJob", "Server"]
 
 log = logging.getLogger("clusterpy.scheduler")
 
@@ -52,8 +49,22 @@ class SharedJob:
     started: float | None = None  # when its node started it (for the monitor)
 
 
+class Server(Protocol):
+    """What a session asks of its scheduler (clusterpy.scheduler.SchedulerServer, which
+    creates the sessions: named here as a protocol so that imports run one way)."""
+
+    core: SchedulerCore
+    store: FileStore | None
+    comps: dict[str, SharedComp]
+    jobs: dict[str, SharedJob]
+
+    def execute(self, actions: list[Action]) -> None: ...
+    def close_computation(self, comp: SharedComp) -> None: ...
+    def orphan(self, comp: SharedComp) -> None: ...
+
+
 class ClientSession:
-    def __init__(self, sched: SchedulerServer, conn: Connection) -> None:
+    def __init__(self, sched: Server, conn: Connection) -> None:
         self.sched = sched
         self.conn = conn
         self.comps: dict[str, SharedComp] = {}
