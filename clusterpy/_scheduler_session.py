@@ -173,19 +173,15 @@ class ClientSession:
         try:
             for f in msg.files:
                 validate_name(f.name)
-            missing = sorted({f.sha256 for f in msg.files if not sched.store.has(f.sha256)})
-            sizes = {f.sha256: f.size for f in msg.files}
-            comp = SharedComp(msg.comp_id, msg)
-            for sha in missing:
-                comp.incoming[sha] = sched.store.begin(sha, sizes[sha])
+            comp = SharedComp(msg.comp_id, msg, incoming=sched.store.begin_missing(msg.files))
         except DependencyError as exc:
             log.warning("refused computation %r: %s", msg.comp_id, exc)
             self.send(m.ComputationFailed(msg.comp_id, str(exc)))
             return
         sched.comps[msg.comp_id] = comp
         self._attach(comp)
-        self.send(m.FilesNeeded(msg.comp_id, tuple(missing)))
-        if not missing:
+        self.send(m.FilesNeeded(msg.comp_id, tuple(comp.incoming)))
+        if not comp.incoming:
             self._ready(comp)
 
     def _on_chunk(self, msg: m.FileChunk) -> None:

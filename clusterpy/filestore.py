@@ -41,7 +41,9 @@ import stat
 import tempfile
 import threading
 import unicodedata
+from collections.abc import Iterable
 from types import TracebackType
+from typing import Protocol
 
 from .errors import ConfigurationError, DependencyError
 
@@ -157,6 +159,15 @@ def _check_sha(sha256: str) -> str:
     return sha256
 
 
+class _Described(Protocol):
+    """A file as a deployment describes it (``protocol.messages.FileMeta``)."""
+
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+
+
 class FileStore:
     """The content-addressed cache and computation directories under one ``root``.
 
@@ -230,6 +241,26 @@ class FileStore:
     def path_of(self, sha256: str) -> pathlib.Path | None:
         """The cached object's path, for reading (a scheduler forwards it to nodes); None if absent."""
         return self._object_path(sha256) if self.has(sha256) else None
+
+    def begin_missing(self, files: Iterable[_Described]) -> dict[str, IncomingFile]:
+        """Start receiving each of ``files`` (a deployment's: hash and size) that is not
+        cached, once per hash, in hash order: what to ask the sender for.
+
+        Raises:
+            DependencyError: as :meth:`begin`; the transfers begun before it are aborted
+                (their quota released, their temporary files removed).
+        """
+        files = list(files)
+        sizes = {f.sha256: f.size for f in files}
+        incoming: dict[str, IncomingFile] = {}
+        try:
+            for sha in sorted({f.sha256 for f in files if not self.has(f.sha256)}):
+                incoming[sha] = self.begin(sha, sizes[sha])
+        except BaseException:
+            for started in incoming.values():
+                started.abort()
+            raise
+        return incoming
 
     def begin(self, sha256: str, size: int) -> IncomingFile:
         """Start receiving a file; its ``size`` bytes count against the quota until it ends.

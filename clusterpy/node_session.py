@@ -218,16 +218,13 @@ class ClientSession:
         comp = Computation(msg.comp_id, msg, workdir, self.node.kept_dir / msg.comp_id)
         self.node.comps[msg.comp_id] = comp
         self._attach(comp)
-        missing = sorted({f.sha256 for f in msg.files if not store.has(f.sha256)})
-        sizes = {f.sha256: f.size for f in msg.files}
         try:
-            for sha in missing:
-                comp.incoming[sha] = store.begin(sha, sizes[sha])
+            comp.incoming.update(store.begin_missing(msg.files))
         except DependencyError as exc:
             self._fail(comp, str(exc))
             return
-        self.send(m.FilesNeeded(msg.comp_id, tuple(missing)))
-        if not missing:
+        self.send(m.FilesNeeded(msg.comp_id, tuple(comp.incoming)))
+        if not comp.incoming:
             self._finish_deploy(comp)
 
     def _on_attach(self, comp_id: str) -> None:

@@ -245,6 +245,32 @@ def test_quota(store):
     assert store.usage() == 3 * one_mib
 
 
+class _File:
+    def __init__(self, data: bytes) -> None:
+        self.sha256, self.size = sha(data), len(data)
+
+
+def test_begin_missing_starts_each_uncached_hash_once_in_hash_order(store):
+    cached, a, b = b"cached", b"a" * 10, b"b" * 20
+    receive(store, cached)
+    incoming = store.begin_missing([_File(b), _File(cached), _File(a), _File(b)])
+    assert list(incoming) == sorted([sha(a), sha(b)])
+    for data in (a, b):
+        incoming[sha(data)].write(data)
+        incoming[sha(data)].finish()
+    assert store.has(sha(a)) and store.has(sha(b))
+
+
+def test_begin_missing_aborts_what_it_began_when_one_cannot_begin(store):
+    one_mib = 1 << 20
+    fits = [bytes([i]) * one_mib for i in range(3)]
+    too_many = fits + [bytes([9]) * one_mib, bytes([10]) * one_mib]  # 5 MiB against a 4 MiB quota
+    with pytest.raises(DependencyError, match="quota"):
+        store.begin_missing([_File(data) for data in too_many])
+    assert leftovers(store) == []  # no temporary file left behind
+    store.begin_missing([_File(data) for data in too_many[:4]])  # the whole quota is free again
+
+
 def test_prune_drops_unplaced(store):
     keep, drop = b"keep", b"drop"
     hk, hd = receive(store, keep), receive(store, drop)
